@@ -1,0 +1,1 @@
+"""Conditional DDPM pipeline for multi-label iCLEVR scenes (library; stages/ call it)."""

@@ -1,0 +1,35 @@
+"""Typed configs from params.yaml sections: unknown keys fail with the allowed ones listed."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def from_params(cls: type[T], params: dict | None, section: str) -> T:
+    """Build dataclass `cls` from params[section]-style dict, rejecting unknown keys."""
+    params = dict(params or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise ValueError(f"params.yaml: {section}.{unknown[0]} is not a known key; "
+                         f"expected some of {sorted(names)}")
+    return cls(**params)
+
+
+def fingerprint(*objs) -> str:
+    """Stable short hash of JSON-serialisable settings (detects a changed run on resume)."""
+    blob = json.dumps([dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o for o in objs],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

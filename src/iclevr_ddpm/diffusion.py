@@ -1,0 +1,72 @@
+"""The noise process: training schedules, the diffusion loss and the samplers'
+schedulers, all diffusers objects configured from params."""
+from __future__ import annotations
+
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       UniPCMultistepScheduler)
+
+# params.yaml name -> diffusers beta_schedule
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2",
+             "scaled_linear": "scaled_linear", "sigmoid": "sigmoid"}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
+
+
+def _check(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"params.yaml: {name} {value!r} unknown; expected one of {list(allowed)}")
+
+
+def noise_scheduler(schedule: str, num_train_timesteps: int = 1000,
+                    prediction_type: str = "v_prediction") -> DDPMScheduler:
+    """The training noise process (DDPM, Ho et al. 2020) for a named beta schedule."""
+    _check("schedule", schedule, SCHEDULES)
+    _check("diffusion.prediction_type", prediction_type, PREDICTION_TYPES)
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=SCHEDULES[schedule],
+                         prediction_type=prediction_type, clip_sample=True)
+
+
+def sampler_scheduler(name: str, train: DDPMScheduler, clip: bool = True):
+    """A sampler's scheduler built from the training betas, so every schedule (sigmoid
+    included, which the fast samplers lack) works with every sampler."""
+    _check("sample.sampler", name, SAMPLERS)
+    common = dict(num_train_timesteps=train.config.num_train_timesteps,
+                  trained_betas=train.betas.tolist(), prediction_type=train.config.prediction_type)
+    if name == "ddpm":
+        return DDPMScheduler(**common, clip_sample=clip, timestep_spacing="trailing")
+    if name == "ddim":  # trailing spacing starts at t = T-1 (Lin et al. 2024)
+        return DDIMScheduler(**common, clip_sample=clip, set_alpha_to_one=False,
+                             timestep_spacing="trailing")
+    solver = DPMSolverMultistepScheduler if name == "dpmsolver++" else UniPCMultistepScheduler
+    extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    # Thresholding keeps the x0 estimate in [-1, 1]; without it a cosine schedule saturated.
+    return solver(**common, **extra, solver_order=2, thresholding=clip, sample_max_value=1.0,
+                  timestep_spacing="trailing")
+
+
+def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer timesteps t (B,)."""
+    ab = scheduler.alphas_cumprod.to(t.device)[t]
+    return ab / (1 - ab)
+
+
+def diffusion_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor,
+                   snr_gamma: float | None = 5.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """MSE on the scheduler's prediction target, optionally min-SNR weighted (Hang et al. 2023).
+
+    x0: (B, 3, R, R) in [-1, 1]; labels: (B, 24). Noise and timesteps come from `generator`
+    (a CPU generator, so resumed runs draw the same numbers on any device).
+    """
+    b, dev = x0.shape[0], x0.device
+    noise = torch.randn(x0.shape, generator=generator).to(dev)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(dev)
+    xt = scheduler.add_noise(x0, noise, t)
+    v_pred = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(x0, noise, t) if v_pred else noise
+    err = (model(xt, t, labels).float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma:
+        s = snr(scheduler, t)
+        # min(SNR, gamma) weighting expressed for the eps / v targets
+        err = err * torch.clamp(s, max=snr_gamma) / (s + 1 if v_pred else s)
+    return err.mean()

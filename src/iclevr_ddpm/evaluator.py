@@ -1,0 +1,207 @@
+"""The ResNet18 multi-label evaluator in the official checkpoint format, its training,
+and the official top-k accuracy.
+
+Official format: torchvision resnet18 with fc = Sequential(Linear(512, 24), Sigmoid()),
+input (B, 3, 64, 64) in [-1, 1], checkpoint {"model": state_dict}.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from dvclive import Live
+from torch import nn
+from torchvision.models import resnet18
+from tqdm import tqdm
+
+from .config import fingerprint, resolve_device
+from .data import load_processed, resize, to_model_range
+from .io import load_torch, save_torch
+from .labels import NUM_LABELS
+
+
+@dataclass
+class EvaluatorConfig:
+    checkpoint: str | None = None  # path to the official checkpoint.pth: used instead of training
+    device: str = "auto"
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3              # peak of a one-cycle schedule
+    weight_decay: float = 1e-4
+    low_res_prob: float = 0.5     # share of batches shrunk to low_res and enlarged back
+    low_res: int = 32
+    max_shift: float = 0.06       # random translation, fraction of the image
+    threads: int = 0              # torch CPU threads; 0 = torch's default
+
+
+def build_evaluator() -> nn.Module:
+    """resnet18 with the official multi-label head; outputs probabilities (B, 24) in [0, 1]."""
+    model = resnet18(weights=None)
+    model.fc = nn.Sequential(nn.Linear(512, NUM_LABELS), nn.Sigmoid())
+    return model
+
+
+def load_evaluator(path, device: str = "cpu") -> nn.Module:
+    """Load an official-format checkpoint {"model": state_dict} safely onto `device`."""
+    state = load_torch(path)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path}: expected an evaluator checkpoint {{'model': state_dict}}")
+    model = build_evaluator()
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def save_evaluator(model: nn.Module, path) -> None:
+    save_torch({"model": model.state_dict()}, path)
+
+
+def topk_hits(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, how many of its k highest outputs are true labels (k = its number of labels).
+
+    probs, labels: (N, 24). Returns int (N,).
+    """
+    k = labels.sum(1).long()
+    order = probs.argsort(dim=1, descending=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(probs.shape[1]).expand_as(order).contiguous())
+    return ((ranks < k[:, None]) & (labels > 0)).sum(1)
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Official metric: total top-k hits / total labels over all images scored together."""
+    return topk_hits(probs, labels).sum().item() / labels.sum().item()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Probabilities (N, 24) for uint8 images (N, 3, 64, 64)."""
+    dev = next(model.parameters()).device
+    model.eval()
+    out = [model(to_model_range(images[i:i + batch_size]).to(dev)).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def augment(x: torch.Tensor, cfg: EvaluatorConfig, gen: torch.Generator) -> torch.Tensor:
+    """Label-preserving augmentation of a batch (B, 3, 64, 64) in [-1, 1]: horizontal flip,
+    small translation, and (for a share of batches) the 32 -> 64 round trip that generated
+    samples go through. Colours are never changed: they are the labels."""
+    b = len(x)
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = (torch.rand(b, 2, generator=gen) * 2 - 1) * 2 * cfg.max_shift
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    if torch.rand(1, generator=gen).item() < cfg.low_res_prob:
+        x = resize(resize(x, cfg.low_res), x.shape[-1])
+    return x
+
+
+def heldout_scores(model, images, labels, cfg: EvaluatorConfig) -> dict:
+    """Held-out accuracy on crisp images and after the low-res round trip."""
+    low = ((resize(resize(to_model_range(images), cfg.low_res), images.shape[-1]) + 1) * 127.5)
+    low = low.round().clamp(0, 255).to(torch.uint8)
+    return {"heldout_accuracy": accuracy(predict(model, images), labels),
+            "heldout_accuracy_lowres": accuracy(predict(model, low), labels)}
+
+
+def _epoch(model, opt, sched, x_all, y_all, cfg, gen, dev) -> float:
+    model.train()
+    order = torch.randperm(len(x_all), generator=gen)
+    total, n_batches = 0.0, math.ceil(len(order) / cfg.batch_size)
+    for i in tqdm(range(n_batches), desc="evaluator", unit="batch", leave=False):
+        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        x = augment(to_model_range(x_all[idx]), cfg, gen).to(dev)
+        loss = F.binary_cross_entropy(model(x).float().clamp(1e-6, 1 - 1e-6), y_all[idx].to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item()
+    return total / n_batches
+
+
+def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_dir) -> dict:
+    """Train on the training split (or copy cfg.checkpoint); report held-out accuracy.
+
+    Resumes from ckpt_path (one checkpoint per epoch) when the settings match.
+    """
+    x_tr, y_tr = load_processed(data_path, "train")
+    x_ho, y_ho = load_processed(data_path, "heldout")
+    if cfg.checkpoint:
+        model = load_evaluator(cfg.checkpoint)
+        shutil.copyfile(cfg.checkpoint, out_path)
+        return {"source": str(cfg.checkpoint), **heldout_scores(model, x_ho, y_ho, cfg)}
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev, t0 = resolve_device(cfg.device), time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model = build_evaluator().to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(x_tr) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
+    gen, epoch, fp = torch.Generator().manual_seed(cfg.seed), 0, fingerprint(asdict(cfg), len(x_tr))
+    ckpt = Path(ckpt_path)
+    if ckpt.exists() and (state := load_torch(ckpt)).get("fingerprint") == fp:
+        model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"]), gen.set_state(state["rng"])
+        epoch = state["epoch"]
+        print(f"{ckpt}: resuming after epoch {epoch}")
+    live = Live(str(live_dir), resume=epoch > 0, save_dvc_exp=False, dvcyaml=None)
+    scores = {}
+    while epoch < cfg.epochs:
+        loss = _epoch(model, opt, sched, x_tr, y_tr, cfg, gen, dev)
+        epoch += 1
+        scores = heldout_scores(model, x_ho, y_ho, cfg)
+        live.step = epoch
+        for name, value in {"loss": loss, **scores}.items():
+            live.log_metric(name, value)
+        print(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, held-out accuracy "
+              f"{scores['heldout_accuracy']:.4f} (low-res {scores['heldout_accuracy_lowres']:.4f})")
+        save_torch({"fingerprint": fp, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": gen.get_state()}, ckpt)
+    live.end()
+    save_evaluator(model.cpu(), out_path)
+    if not scores:
+        scores = heldout_scores(model, x_ho, y_ho, cfg)
+    return {"epochs": cfg.epochs, "train_images": len(x_tr), "heldout_images": len(x_ho),
+            "seconds_this_run": round(time.perf_counter() - t0, 1), **scores}
+
+
+def read_samples(image_dir, n: int) -> torch.Tensor:
+    """uint8 (n, 3, 64, 64) from image_dir/{i}.png, i = 0..n-1 (the condition file order)."""
+    from .data import read_images
+    return read_images(Path(image_dir), [f"{i}.png" for i in range(n)], size=64)
+
+
+def score_folder(evaluator_path, image_dir, conditions_file, device: str = "auto"):
+    """Score generated images against their conditions with the official metric.
+
+    Returns (metrics dict, pandas DataFrame with one row per condition).
+    """
+    import pandas as pd
+
+    from . import labels as L
+    conditions = L.load_conditions(conditions_file)
+    model = load_evaluator(evaluator_path, resolve_device(device))
+    images, wanted = read_samples(image_dir, len(conditions)), L.multi_hot(conditions)
+    probs = predict(model, images)
+    hits = topk_hits(probs, wanted)
+    k = wanted.sum(1).long()
+    table = pd.DataFrame({
+        "index": range(len(conditions)),
+        "wanted": [", ".join(c) for c in conditions],
+        "predicted_topk": [", ".join(L.NAMES[j] for j in p.argsort(descending=True)[:kk].tolist())
+                           for p, kk in zip(probs, k.tolist())],
+        "hits": hits.tolist(), "k": k.tolist()})
+    metrics = {"accuracy": round(hits.sum().item() / k.sum().item(), 4), "images": len(conditions),
+               "labels": int(k.sum()), "hits": int(hits.sum())}
+    return metrics, table

@@ -1,0 +1,24 @@
+"""Stage `train`: train the conditional DDPM; the EMA model is the output.
+
+Usage: python stages/train.py TENSOR_FILE MODEL_DIR CHECKPOINT_DIR LIVE_DIR METRICS_JSON
+Multi-GPU: accelerate launch --multi_gpu stages/train.py ... (same arguments).
+"""
+import sys
+
+from iclevr_ddpm.config import from_params
+from iclevr_ddpm.io import load_params, save_json
+from iclevr_ddpm.model import model_kwargs
+from iclevr_ddpm.train import TrainConfig, train
+
+
+def main(data: str, model_dir: str, ckpt_dir: str, live_dir: str, metrics: str) -> None:
+    params = load_params()
+    cfg = from_params(TrainConfig, params["train"], "train")
+    result = train(cfg, model_kwargs(params["model"]), params["diffusion"], params["schedule"],
+                   data, model_dir, ckpt_dir, live_dir)
+    save_json(result, metrics)
+    print(result)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
