@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
 from dvclive import Live
 from torch import nn
 from torchvision.models import resnet18
@@ -32,7 +33,7 @@ class EvaluatorConfig:
     seed: int = 0
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 2e-3              # peak of a one-cycle schedule
+    lr: float = 2e-3              # peak of a warm-up + cosine schedule
     weight_decay: float = 1e-4
     low_res_prob: float = 0.5     # share of batches shrunk to low_res and enlarged back
     low_res: int = 32
@@ -147,7 +148,8 @@ def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_d
     model = build_evaluator().to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(x_tr) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
+    # linear warm-up for 10% of the steps, then cosine decay to zero
+    sched = get_scheduler("cosine", opt, num_warmup_steps=max(1, steps // 10), num_training_steps=steps)
     gen, epoch, fp = torch.Generator().manual_seed(cfg.seed), 0, fingerprint(asdict(cfg), len(x_tr))
     ckpt = Path(ckpt_path)
     if ckpt.exists() and (state := load_torch(ckpt)).get("fingerprint") == fp:
