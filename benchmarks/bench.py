@@ -1,0 +1,59 @@
+"""Benchmarks (not tests): print throughput figures on this machine.
+
+    python benchmarks/bench.py [TENSOR_FILE RAW_DIR]
+
+1. Training images/s of the DDPM for the `cpu` preset and the `report` preset.
+2. Loading the preprocessed tensor file vs decoding PNGs with PIL per item.
+"""
+import sys
+import time
+
+import torch
+
+from iclevr_ddpm.data import load_image, load_processed, resize, to_model_range
+from iclevr_ddpm.diffusion import diffusion_loss, noise_scheduler
+from iclevr_ddpm.model import ConditionalUNet, model_kwargs
+
+
+def train_rate(preset: str, batch: int, steps: int) -> float:
+    model = ConditionalUNet(**model_kwargs({"preset": preset}))
+    res, sched = model.config.resolution, noise_scheduler("cosine")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.rand(batch, 3, res, res) * 2 - 1, torch.zeros(batch, 24)
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()  # first step warms up
+        loss = diffusion_loss(model, sched, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rate = steps * batch / (time.perf_counter() - t0)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"train {preset:7s} {n:6.1f}M params {res}x{res} batch {batch}: {rate:7.1f} images/s")
+    return rate
+
+
+def loading(tensor_file: str, raw_dir: str, n: int = 3000) -> None:
+    t0 = time.perf_counter()
+    images, labels = load_processed(tensor_file)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in torch.randperm(len(images))[:n].tolist():  # a Dataset __getitem__ over the tensor
+        _ = to_model_range(images[i]), labels[i]
+    t_tensor = time.perf_counter() - t0
+    files = torch.load(tensor_file, weights_only=True)["files"]
+    t0 = time.perf_counter()
+    for f in files[:n]:  # a seed-style Dataset: decode each PNG with PIL per item
+        _ = to_model_range(torch.from_numpy(load_image(f"{raw_dir}/images/{f}")).permute(2, 0, 1))
+    t_png = time.perf_counter() - t0
+    print(f"tensor file: loaded {len(images)} images in {t_load:.2f} s ({len(images) / t_load:,.0f} images/s); "
+          f"per-item access {n / t_tensor:,.0f} images/s")
+    print(f"PNG + PIL per item: {n / t_png:,.0f} images/s")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    train_rate("cpu", 32, 10)
+    train_rate("report", 4, 3)
+    if len(sys.argv) == 3:
+        loading(*sys.argv[1:])

@@ -1,0 +1,34 @@
+"""Shared fixtures: the official iCLEVR files (skipped when absent) and a tiny rendered set."""
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "iclevr"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def official():
+    """Folder with the official objects.json, train.json, test.json, new_test.json."""
+    if not (SHARED / "objects.json").exists():
+        pytest.skip(f"official iCLEVR files not found in {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory):
+    """A rendered synthetic raw folder: 12 scenes = 36 images."""
+    from iclevr_ddpm.render import write_dataset
+    out = tmp_path_factory.mktemp("raw")
+    write_dataset(out, scenes=12, seed=3, batch_size=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_processed(tiny_raw, tmp_path_factory):
+    from iclevr_ddpm.data import preprocess
+    out = tmp_path_factory.mktemp("processed")
+    stats = preprocess(tiny_raw, out / "iclevr.pt", out, heldout_fraction=0.25, seed=0)
+    return out, stats

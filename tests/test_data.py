@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iclevr_ddpm import labels as L
+from iclevr_ddpm.data import DataError, load_processed, preprocess, resize
+
+
+def test_preprocess_synthetic(tiny_raw, tiny_processed):
+    out, stats = tiny_processed
+    d = torch.load(out / "iclevr.pt", weights_only=True)
+    assert d["images"].shape == (36, 3, 64, 64) and d["images"].dtype == torch.uint8
+    assert d["labels"].shape == (36, 24)
+    train = json.loads((tiny_raw / "train.json").read_text())
+    for f, lab in zip(d["files"], d["labels"]):
+        assert sorted(L.decode(lab)) == sorted(train[f])
+    png = np.array(Image.open(tiny_raw / "images" / d["files"][5]))
+    assert torch.equal(d["images"][5], torch.from_numpy(png).permute(2, 0, 1))
+    # held out by scene: the 3 images of a scene share one side of the split
+    by_scene = {}
+    for f, h in zip(d["files"], d["heldout"].tolist()):
+        by_scene.setdefault(f.rsplit("_", 1)[0], set()).add(h)
+    assert all(len(v) == 1 for v in by_scene.values()) and stats["heldout_images"] == 9
+    assert stats["objects_per_image"] == {"1": 12, "2": 12, "3": 12}
+    assert sum(stats["count_per_label"].values()) == 72
+    x, y = load_processed(out / "iclevr.pt", "heldout")
+    assert len(x) == len(y) == 9
+    assert L.load_conditions(out / "test.json") == L.load_conditions(tiny_raw / "test.json")
+
+
+def _real_like(root, n=4):
+    """A hand-made 'real' folder: RGBA 320x240 PNGs of a coloured block on grey."""
+    (root / "images").mkdir(parents=True)
+    train, colors = {}, [(173, 35, 35), (42, 75, 215), (29, 105, 20), (255, 238, 51)]
+    for i in range(n):
+        a = np.full((240, 320, 4), 128, np.uint8)
+        a[..., 3] = 255
+        a[80:160, 120:200, :3] = colors[i]
+        name = f"CLEVR_train_{i:06d}_0.png"
+        Image.fromarray(a, "RGBA").save(root / "images" / name)
+        train[name] = [["red cube", "blue cube", "green cube", "yellow cube"][i]]
+    (root / "train.json").write_text(json.dumps(train))
+    (root / "objects.json").write_text(json.dumps(L.INDEX))
+    for split in ("test", "new_test"):
+        (root / f"{split}.json").write_text(json.dumps([["red cube", "blue sphere"]]))
+    return colors
+
+
+def test_preprocess_real_rgba_320x240(tmp_path):
+    colors = _real_like(tmp_path / "real")
+    preprocess(tmp_path / "real", tmp_path / "out.pt", tmp_path, heldout_fraction=0.0)
+    x, y = load_processed(tmp_path / "out.pt")
+    assert x.shape == (4, 3, 64, 64)
+    for img, color in zip(x, colors):  # centre keeps the block colour, corner the grey floor
+        assert img[:, 32, 32].tolist() == list(color)
+        assert img[:, 2, 2].tolist() == [128, 128, 128]
+    assert y.argmax(1).tolist() == [1, 2, 3, 7]
+
+
+def test_bad_images_listed_in_one_error(tmp_path):
+    _real_like(tmp_path / "real")
+    (tmp_path / "real" / "images" / "CLEVR_train_000001_0.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "real" / "images" / "CLEVR_train_000002_0.png").unlink()
+    with pytest.raises(DataError) as err:
+        preprocess(tmp_path / "real", tmp_path / "out.pt", tmp_path)
+    msg = str(err.value)
+    assert "2 of 4 images failed" in msg
+    assert "CLEVR_train_000001_0.png: unreadable" in msg and "CLEVR_train_000002_0.png: missing" in msg
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_unknown_label_in_train_json(tmp_path):
+    _real_like(tmp_path / "real")
+    (tmp_path / "real" / "train.json").write_text(json.dumps({"CLEVR_train_000000_0.png": ["pink cube"]}))
+    with pytest.raises(L.LabelFileError, match="train.json: entry 0 .*'pink cube'"):
+        preprocess(tmp_path / "real", tmp_path / "out.pt", tmp_path)
+
+
+def test_missing_folder_names_the_param(tmp_path):
+    with pytest.raises(DataError, match="data.raw_dir"):
+        preprocess(tmp_path / "nope", tmp_path / "out.pt", tmp_path)
+
+
+def test_resize_round_trip_keeps_range():
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    y = resize(resize(x, 32), 64)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    assert torch.allclose(resize(torch.full((1, 3, 64, 64), 0.5), 32), torch.full((1, 3, 32, 32), 0.5))

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from iclevr_ddpm import labels as L
+from iclevr_ddpm.evaluator import (EvaluatorConfig, accuracy, build_evaluator, load_evaluator, save_evaluator,
+                                   score_folder, topk_hits, train_evaluator)
+
+
+def test_topk_metric_hand_computed():
+    labels = torch.zeros(3, 24)
+    labels[0, [0, 1, 2]] = 1       # 3 labels
+    labels[1, [5]] = 1             # 1 label
+    labels[2, [7, 8]] = 1          # 2 labels
+    probs = torch.full((3, 24), 0.01)
+    probs[0, [0, 1, 20]] = torch.tensor([0.9, 0.8, 0.95])   # top-3 = {20, 0, 1}: 2 hits
+    probs[1, [5, 6]] = torch.tensor([0.3, 0.4])             # top-1 = {6}: 0 hits
+    probs[2, [7, 8]] = torch.tensor([0.6, 0.7])             # top-2 = {8, 7}: 2 hits
+    assert topk_hits(probs, labels).tolist() == [2, 0, 2]
+    assert accuracy(probs, labels) == pytest.approx(4 / 6)
+    # averaging per-batch scores (batches [0] and [1, 2]) would give (2/3 + 2/3) / 2 = 0.667 too,
+    # so use batches [0, 1] and [2]: (2/4 + 2/2) / 2 = 0.75 != 4/6
+    batch_avg = (accuracy(probs[:2], labels[:2]) + accuracy(probs[2:], labels[2:])) / 2
+    assert batch_avg == pytest.approx(0.75) and accuracy(probs, labels) != pytest.approx(batch_avg)
+
+
+def test_official_checkpoint_format_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = build_evaluator().eval()
+    save_evaluator(model, tmp_path / "checkpoint.pth")
+    raw = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert set(raw) == {"model"}
+    assert raw["model"]["fc.0.weight"].shape == (24, 512) and raw["model"]["fc.0.bias"].shape == (24,)
+    back = load_evaluator(tmp_path / "checkpoint.pth")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        out = back(x)
+        assert torch.equal(model(x), out)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_rejects_a_file_that_is_not_an_evaluator(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match=r"x.pth: expected an evaluator checkpoint \{'model': state_dict\}"):
+        load_evaluator(tmp_path / "x.pth")
+
+
+def test_score_folder_table_and_metrics(tmp_path):
+    torch.manual_seed(0)
+    save_evaluator(build_evaluator(), tmp_path / "ev.pth")
+    conds = [["red cube"], ["blue sphere", "gray cylinder"], ["cyan cube", "red sphere", "yellow cube"]]
+    (tmp_path / "c.json").write_text(json.dumps(conds))
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(tmp_path / "imgs" / f"{i}.png")
+    metrics, table = score_folder(tmp_path / "ev.pth", tmp_path / "imgs", tmp_path / "c.json", "cpu")
+    assert metrics["images"] == 3 and metrics["labels"] == 6
+    assert metrics["accuracy"] == pytest.approx(table["hits"].sum() / 6, abs=1e-4)
+    assert list(table.columns) == ["index", "wanted", "predicted_topk", "hits", "k"]
+    assert table["k"].tolist() == [1, 2, 3]
+    assert [len(p.split(", ")) for p in table["predicted_topk"]] == [1, 2, 3]
+
+
+def test_missing_sample_is_a_clear_error(tmp_path):
+    save_evaluator(build_evaluator(), tmp_path / "ev.pth")
+    (tmp_path / "c.json").write_text(json.dumps([["red cube"], ["blue cube"]]))
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "imgs" / "0.png")
+    with pytest.raises(ValueError, match="1.png: missing"):
+        score_folder(tmp_path / "ev.pth", tmp_path / "imgs", tmp_path / "c.json", "cpu")
+
+
+def test_train_evaluator_learns_and_adopts_official_checkpoint(tiny_processed, tmp_path):
+    data = tiny_processed[0] / "iclevr.pt"
+    cfg = EvaluatorConfig(epochs=2, batch_size=16, device="cpu")
+    res = train_evaluator(cfg, data, tmp_path / "ev.pth", tmp_path / "ck.pt", tmp_path / "live")
+    assert res["epochs"] == 2 and 0 <= res["heldout_accuracy"] <= 1
+    rows = (tmp_path / "live" / "plots" / "metrics" / "heldout_accuracy.tsv").read_text().splitlines()
+    assert len(rows) == 3
+    adopted = train_evaluator(EvaluatorConfig(checkpoint=str(tmp_path / "ev.pth")), data,
+                              tmp_path / "copy.pth", tmp_path / "ck2.pt", tmp_path / "live2")
+    assert adopted["heldout_accuracy"] == pytest.approx(res["heldout_accuracy"])
+    assert (tmp_path / "copy.pth").read_bytes() == (tmp_path / "ev.pth").read_bytes()

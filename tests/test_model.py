@@ -1,0 +1,106 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from iclevr_ddpm.config import from_params
+from iclevr_ddpm.data import load_processed, resize, to_model_range
+from iclevr_ddpm.diffusion import SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, sampler_scheduler
+from iclevr_ddpm.model import ConditionalUNet, model_kwargs
+from iclevr_ddpm.train import TrainConfig
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return ConditionalUNet(**model_kwargs({"preset": "tiny", **kw}))
+
+
+def test_save_load_round_trip(tmp_path):
+    for cond in ("embedding", "none"):
+        m = tiny(conditioning=cond).eval()
+        m.save_pretrained(tmp_path / cond)
+        assert (tmp_path / cond / "diffusion_pytorch_model.safetensors").exists()
+        back = ConditionalUNet.from_pretrained(tmp_path / cond).eval()
+        x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 10, 999]), torch.eye(24)[:3]
+        assert torch.equal(m(x, t, y), back(x, t, y))
+        assert back.config.conditioning == cond
+
+
+def test_labels_reach_the_output_only_with_embedding():
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([500, 500])
+    a, b = torch.eye(24)[[0, 0]], torch.eye(24)[[5, 5]]
+    for cond, differs in (("embedding", True), ("none", False)):
+        m = tiny(conditioning=cond).eval()
+        torch.nn.init.normal_(m.unet.conv_out.weight)  # diffusers zero-inits nothing here; keep outputs non-trivial
+        with torch.no_grad():
+            assert (not torch.allclose(m(x, t, a), m(x, t, b))) == differs
+
+
+def test_report_preset_size():
+    m = ConditionalUNet(**model_kwargs({"preset": "report"}))
+    assert 110e6 < sum(p.numel() for p in m.parameters()) < 118e6
+    assert m.config.resolution == 64
+
+
+def test_schedules_give_expected_betas():
+    T, b0, b1 = 1000, 1e-4, 0.02
+    lin = torch.linspace(b0, b1, T)
+    expected = {
+        "linear": lin,
+        "scaled_linear": torch.linspace(b0 ** 0.5, b1 ** 0.5, T) ** 2,
+        "sigmoid": torch.sigmoid(torch.linspace(-6, 6, T)) * (b1 - b0) + b0,
+    }
+    for name, betas in expected.items():
+        assert torch.allclose(noise_scheduler(name).betas, betas, atol=1e-7), name
+    # cosine (Nichol & Dhariwal 2021): alpha_bar(t) = cos^2(((t/T) + s)/(1 + s) * pi/2), beta <= 0.999
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    cos = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(T)])
+    assert torch.allclose(noise_scheduler("cosine").betas, cos, atol=1e-6)
+
+
+def test_every_sampler_uses_the_training_noise_levels():
+    for schedule in SCHEDULES:
+        train = noise_scheduler(schedule)
+        for name in SAMPLERS:
+            s = sampler_scheduler(name, train)
+            assert torch.allclose(s.alphas_cumprod.float(), train.alphas_cumprod.float(), atol=1e-6), (schedule, name)
+            assert s.config.prediction_type == train.config.prediction_type
+
+
+def test_bad_params_fail_with_allowed_values():
+    with pytest.raises(ValueError, match=r"schedule 'cosin' unknown; expected one of \['linear', 'cosine'"):
+        noise_scheduler("cosin")
+    with pytest.raises(ValueError, match="prediction_type 'x0' unknown"):
+        noise_scheduler("cosine", prediction_type="x0")
+    with pytest.raises(ValueError, match=r"sample.sampler 'euler' unknown; expected one of \['ddpm'"):
+        sampler_scheduler("euler", noise_scheduler("cosine"))
+    with pytest.raises(ValueError, match="model.preset 'huge' unknown"):
+        model_kwargs({"preset": "huge"})
+    with pytest.raises(ValueError, match="model.conditioning 'text' unknown"):
+        model_kwargs({"conditioning": "text"})
+    with pytest.raises(ValueError, match="train.learning_rate is not a known key"):
+        from_params(TrainConfig, {"learning_rate": 1}, "train")
+    with pytest.raises(ValueError, match="train.lr_schedule 'step' unknown"):
+        TrainConfig(lr_schedule="step")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_overfits_a_fixed_batch(prediction_type, tiny_processed):
+    sched = noise_scheduler("cosine", prediction_type=prediction_type)
+    m = tiny()
+    g = torch.Generator().manual_seed(0)
+    images, y = load_processed(tiny_processed[0] / "iclevr.pt")
+    x0, y = resize(to_model_range(images[:8]), 16), y[:8]
+    fixed = lambda: diffusion_loss(m, sched, x0, y, snr_gamma=5.0, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = fixed().item()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = diffusion_loss(m, sched, x0, y, snr_gamma=5.0, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = fixed().item()
+    assert after < 0.4 * before, (before, after)
