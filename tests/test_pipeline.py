@@ -16,7 +16,7 @@ TINY = {
     "data": {"heldout_fraction": 0.25},
     "model": {"preset": "tiny"},
     "train": {"max_steps": 20, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 10},
-    "sample": {"steps": 4, "frames": 8, "batch_size": 16},
+    "sample": {"steps": 8, "frames": 8, "batch_size": 16},
     "evaluator": {"epochs": 1, "batch_size": 32},
 }
 
@@ -44,8 +44,9 @@ def repo(tmp_path_factory):
     for section, values in TINY.items():
         params[section].update(values)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "test"],
+                ["git", "config", "user.email", "test@example.com"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "tiny"]):
         subprocess.run(cmd, cwd=dst, check=True)
     return dst
 
@@ -61,7 +62,7 @@ def test_repro_then_experiment_with_linear_schedule(repo):
         assert (repo / "plots" / f"{split}_grid.png").exists()
     assert json.loads((repo / "metrics" / "data.json").read_text())["images"] == 72
     assert "up to date" in run(["dvc", "status"], repo)
-    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"]):
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "base"]):
         subprocess.run(cmd, cwd=repo, check=True)
 
     out = run(["dvc", "exp", "run", "-S", "schedule=linear"], repo)

@@ -83,7 +83,7 @@ def test_sample_split_writes_pngs_grid_and_progression(toy_model, tmp_path):
     _, _, model_dir = toy_model
     conds = [["red cube"], ["blue cube", "gray sphere"]] * 5
     (tmp_path / "c.json").write_text(json.dumps(conds))
-    cfg = SampleConfig(sampler="ddim", steps=6, batch_size=4, frames=8, progression=["red cube"], device="cpu")
+    cfg = SampleConfig(sampler="ddim", steps=7, batch_size=4, frames=8, progression=["red cube"], device="cpu")
     sample_split(model_dir, tmp_path / "c.json", tmp_path / "out", cfg, tmp_path / "grid.png", tmp_path / "prog.png")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{i}.png" for i in range(10))
     assert Image.open(tmp_path / "out" / "9.png").size == (64, 64)
@@ -91,10 +91,17 @@ def test_sample_split_writes_pngs_grid_and_progression(toy_model, tmp_path):
     assert Image.open(tmp_path / "prog.png").size == (8 * 66 + 2, 66 + 2)  # 8 frames
 
 
+def test_sample_config_checks():
+    with pytest.raises(ValueError, match="sample.frames 10 must be between 2 and sample.steps \\+ 1 = 6"):
+        SampleConfig(steps=5, frames=10)
+    with pytest.raises(ValueError, match="sample.sampler 'heun' unknown"):
+        SampleConfig(sampler="heun")
+
+
 def test_progression_rejects_unknown_object(toy_model, tmp_path):
     import json
     _, _, model_dir = toy_model
     (tmp_path / "c.json").write_text(json.dumps([["red cube"]]))
-    cfg = SampleConfig(steps=2, progression=["red cubes"], device="cpu")
+    cfg = SampleConfig(steps=2, frames=3, progression=["red cubes"], device="cpu")
     with pytest.raises(L.LabelFileError, match="sample.progression: unknown object name 'red cubes'"):
         sample_split(model_dir, tmp_path / "c.json", tmp_path / "o", cfg, None, tmp_path / "p.png")

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from . import labels as L
 from .config import resolve_device
 from .data import resize, to_uint8
-from .diffusion import sampler_scheduler
+from .diffusion import SAMPLERS, sampler_scheduler
 from .io import atomic_dir, save_image
 from .model import ConditionalUNet
 
@@ -31,7 +31,14 @@ class SampleConfig:
     device: str = "auto"
     out_size: int = 64             # samples are resized to this for evaluation
     progression: list = field(default_factory=lambda: ["red sphere", "cyan cylinder", "cyan cube"])
-    frames: int = 10
+    frames: int = 10               # progression frames, noise to final: at most steps + 1
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"params.yaml: sample.sampler {self.sampler!r} unknown; expected one of {list(SAMPLERS)}")
+        if not 2 <= self.frames <= self.steps + 1:
+            raise ValueError(f"params.yaml: sample.frames {self.frames} must be between 2 and "
+                             f"sample.steps + 1 = {self.steps + 1}")
 
 
 def _guided(model, x, t, labels, guidance: float):

@@ -116,9 +116,11 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     run_settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "log_every")}
     fp = fingerprint(run_settings, model_kw, diffusion_kw, schedule, acc.num_processes, len(images))
     resumed = try_resume(run, ckpt, fp)
-    model, opt, lr_sched = acc.prepare(run.model, run.opt, run.lr_sched)
+    # The LR schedule is not prepared: accelerate would step it once per process, and every
+    # process here runs all max_steps (each draws its own batches).
+    model, opt = acc.prepare(run.model, run.opt)
     run.ema.to(acc.device)
-    live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None)
+    live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None) if acc.is_main_process else None
     n_params = sum(p.numel() for p in run.model.parameters())
     t0, start, loss_avg = time.perf_counter(), run.step, math.nan
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not acc.is_main_process)
@@ -135,19 +137,19 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
         if cfg.grad_clip:
             acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        lr_sched.step()
+        run.lr_sched.step()
         opt.zero_grad(set_to_none=True)
         run.ema.step(acc.unwrap_model(model).parameters())
         run.step += 1
         loss_avg = loss.item() if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss.item()
         rate = (run.step - start) * cfg.batch_size * acc.num_processes / (time.perf_counter() - t0)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{rate:.0f}")
-        if run.step % cfg.log_every == 0 and acc.is_main_process:
+        bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{rate:.0f}", refresh=False)
+        if run.step % cfg.log_every == 0 and live is not None:
             live.step = run.step
             live.log_metric("loss", loss.item())
             live.log_metric("loss_smooth", loss_avg)
-            live.log_metric("lr", lr_sched.get_last_lr()[0])
+            live.log_metric("lr", run.lr_sched.get_last_lr()[0])
             live.log_metric("images_per_second", rate)
             live.make_summary()
         if run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps:
@@ -160,7 +162,8 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
         with atomic_dir(out_dir) as tmp:
             final.save_pretrained(tmp)
             noise.save_pretrained(Path(tmp) / "scheduler")  # sampling rebuilds the schedule from it
-    live.end()
+    if live is not None:
+        live.end()
     return {"steps": run.step, "steps_this_run": run.step - start,
             "images_seen": run.step * cfg.batch_size * acc.num_processes,
             "wall_seconds": round(seconds, 1),
