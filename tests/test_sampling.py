@@ -68,13 +68,13 @@ def test_same_seed_same_bytes_and_batch_size_invariant(toy_model):
     model, train_sched, _ = toy_model
     s = sampler_scheduler("dpmsolver++", train_sched)
     conds = [["red cube"], ["blue cube"], ["red cube", "blue sphere"]]
-    cfg = SampleConfig(steps=8, guidance=2.0, batch_size=3, out_size=64)
+    cfg = SampleConfig(steps=8, frames=8, guidance=2.0, batch_size=3, out_size=64)
     a = generate(model, s, conds, cfg)
     assert a.shape == (3, 3, 64, 64) and a.dtype == torch.uint8
     assert torch.equal(a, generate(model, s, conds, cfg))
-    b = generate(model, s, conds, SampleConfig(steps=8, guidance=2.0, batch_size=1, out_size=64))
+    b = generate(model, s, conds, SampleConfig(steps=8, frames=8, guidance=2.0, batch_size=1, out_size=64))
     assert (a.int() - b.int()).abs().max() <= 1  # same noise per image; float sums may differ by 1 ulp
-    c = generate(model, s, conds, SampleConfig(steps=8, guidance=2.0, batch_size=3, seed=1, out_size=64))
+    c = generate(model, s, conds, SampleConfig(steps=8, frames=8, guidance=2.0, batch_size=3, seed=1, out_size=64))
     assert not torch.equal(a, c)
 
 

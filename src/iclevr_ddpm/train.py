@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from dvclive import Live
@@ -108,6 +109,7 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     Returns the final figures (steps, images seen, wall time, images/s, parameters).
     """
     acc = _accelerator(cfg)
+    set_seed(cfg.seed)  # same initial weights on every process and every run
     noise = noise_scheduler(schedule, **diffusion_kw)
     images, labels = load_processed(data_path, "train")
     run = Run(cfg, model_kw, seed_offset=acc.process_index)
