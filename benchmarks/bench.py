@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from iclevr_ddpm.data import load_image, load_processed, resize, to_model_range
+from iclevr_ddpm.data import load_image, load_processed, to_model_range
 from iclevr_ddpm.diffusion import diffusion_loss, noise_scheduler
 from iclevr_ddpm.model import ConditionalUNet, model_kwargs
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 from PIL import Image
 
-from iclevr_ddpm import labels as L
 from iclevr_ddpm.evaluator import (EvaluatorConfig, accuracy, build_evaluator, load_evaluator, save_evaluator,
                                    score_folder, topk_hits, train_evaluator)
 

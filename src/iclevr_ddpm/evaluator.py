@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .config import fingerprint, resolve_device
 from .data import load_processed, resize, to_model_range
-from .io import load_torch, save_torch
+from .io import load_checkpoint, load_torch, save_torch
 from .labels import NUM_LABELS
 
 
@@ -152,7 +152,7 @@ def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_d
     sched = get_scheduler("cosine", opt, num_warmup_steps=max(1, steps // 10), num_training_steps=steps)
     gen, epoch, fp = torch.Generator().manual_seed(cfg.seed), 0, fingerprint(asdict(cfg), len(x_tr))
     ckpt = Path(ckpt_path)
-    if ckpt.exists() and (state := load_torch(ckpt)).get("fingerprint") == fp:
+    if (state := load_checkpoint(ckpt, fp)) is not None:
         model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"]), gen.set_state(state["rng"])
         epoch = state["epoch"]

@@ -44,6 +44,18 @@ def load_torch(path: str | os.PathLike) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_checkpoint(path: str | os.PathLike, fp: str) -> dict | None:
+    """The checkpoint at `path` if it was written under settings `fp`, else None (with a message)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    state = load_torch(path)
+    if state.get("fingerprint") != fp:
+        print(f"{path}: settings changed since this checkpoint; starting fresh")
+        return None
+    return state
+
+
 def save_image(img, path: str | os.PathLike) -> None:
     """Save a PIL image atomically (format from the suffix of `path`)."""
     path = Path(path)

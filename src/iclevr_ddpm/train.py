@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .config import fingerprint, resolve_device
 from .data import load_processed, resize, to_model_range
 from .diffusion import diffusion_loss, noise_scheduler
-from .io import atomic_dir, load_torch, save_json, save_torch
+from .io import atomic_dir, load_checkpoint, save_torch
 from .model import ConditionalUNet
 
 LR_SCHEDULES = ("constant", "cosine", "cosine_warmup")
@@ -89,19 +89,6 @@ class Run:
         self.step = state["step"]
 
 
-def try_resume(run: Run, ckpt: Path, fp: str) -> bool:
-    """Resume from `ckpt` if it belongs to the same settings; report what happened."""
-    if not ckpt.exists():
-        return False
-    state = load_torch(ckpt)
-    if state.get("fingerprint") != fp:
-        print(f"{ckpt}: settings changed since this checkpoint; starting fresh")
-        return False
-    run.load(state)
-    print(f"{ckpt}: resuming at step {run.step}")
-    return True
-
-
 def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, data_path,
           out_dir, ckpt_dir, live_dir) -> dict:
     """Train from the tensor file; write the EMA model to out_dir (save_pretrained).
@@ -117,7 +104,10 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     ckpt = Path(ckpt_dir) / f"checkpoint-{acc.process_index}.pt"
     run_settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "log_every")}
     fp = fingerprint(run_settings, model_kw, diffusion_kw, schedule, acc.num_processes, len(images))
-    resumed = try_resume(run, ckpt, fp)
+    state = load_checkpoint(ckpt, fp)
+    if resumed := state is not None:
+        run.load(state)
+        print(f"{ckpt}: resuming at step {run.step}")
     # The LR schedule is not prepared: accelerate would step it once per process, and every
     # process here runs all max_steps (each draws its own batches).
     model, opt = acc.prepare(run.model, run.opt)
