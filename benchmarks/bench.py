@@ -44,7 +44,7 @@ def loading(tensor_file: str, raw_dir: str, n: int = 3000) -> None:
     files = torch.load(tensor_file, weights_only=True)["files"]
     t0 = time.perf_counter()
     for f in files[:n]:  # a seed-style Dataset: decode each PNG with PIL per item
-        _ = to_model_range(torch.from_numpy(load_image(f"{raw_dir}/images/{f}")).permute(2, 0, 1))
+        _ = to_model_range(torch.from_numpy(load_image(f"{raw_dir}/images/{f}").copy()).permute(2, 0, 1))
     t_png = time.perf_counter() - t0
     print(f"tensor file: loaded {len(images)} images in {t_load:.2f} s ({len(images) / t_load:,.0f} images/s); "
           f"per-item access {n / t_tensor:,.0f} images/s")
