@@ -89,6 +89,28 @@ class Run:
         self.step = state["step"]
 
 
+def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, labels: torch.Tensor,
+               cfg: TrainConfig) -> float:
+    """One optimisation step on a random batch of x_all (N, 3, R, R) in [-1, 1]; returns the loss."""
+    idx = torch.randint(len(x_all), (cfg.batch_size,), generator=run.gen)
+    x0, y = x_all[idx].to(acc.device), labels[idx].clone()
+    y[torch.rand(len(y), generator=run.gen) < cfg.p_uncond] = 0.0  # label dropout -> null condition
+    with acc.autocast():
+        loss = diffusion_loss(model, noise, x0, y.to(acc.device), cfg.snr_gamma, run.gen)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss.item()} at step {run.step + 1}; "
+                                 f"try a lower train.lr or train.grad_clip")
+    acc.backward(loss)
+    if cfg.grad_clip:
+        acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    run.lr_sched.step()
+    opt.zero_grad(set_to_none=True)
+    run.ema.step(acc.unwrap_model(model).parameters())
+    run.step += 1
+    return loss.item()
+
+
 def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, data_path,
           out_dir, ckpt_dir, live_dir) -> dict:
     """Train from the tensor file; write the EMA model to out_dir (save_pretrained).
@@ -117,32 +139,16 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     t0, start, loss_avg = time.perf_counter(), run.step, math.nan
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not acc.is_main_process)
     while run.step < cfg.max_steps:
-        idx = torch.randint(len(x_all), (cfg.batch_size,), generator=run.gen)
-        x0, y = x_all[idx].to(acc.device), labels[idx].clone()
-        y[torch.rand(len(y), generator=run.gen) < cfg.p_uncond] = 0.0  # label dropout -> null condition
-        with acc.autocast():
-            loss = diffusion_loss(model, noise, x0, y.to(acc.device), cfg.snr_gamma, run.gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {run.step + 1}; "
-                                     f"try a lower train.lr or train.grad_clip")
-        acc.backward(loss)
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        run.lr_sched.step()
-        opt.zero_grad(set_to_none=True)
-        run.ema.step(acc.unwrap_model(model).parameters())
-        run.step += 1
-        loss_avg = loss.item() if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss.item()
+        loss = train_step(acc, model, opt, run, noise, x_all, labels, cfg)
+        loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
         rate = (run.step - start) * cfg.batch_size * acc.num_processes / (time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{rate:.0f}", refresh=False)
         if run.step % cfg.log_every == 0 and live is not None:
             live.step = run.step
-            live.log_metric("loss", loss.item())
-            live.log_metric("loss_smooth", loss_avg)
-            live.log_metric("lr", run.lr_sched.get_last_lr()[0])
-            live.log_metric("images_per_second", rate)
+            for name, value in {"loss": loss, "loss_smooth": loss_avg, "lr": run.lr_sched.get_last_lr()[0],
+                                "images_per_second": rate}.items():
+                live.log_metric(name, value)
             live.make_summary()
         if run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps:
             save_torch(run.state(fp), ckpt)
