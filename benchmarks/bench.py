@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from iclevr_ddpm.data import load_image, load_processed, to_model_range
+from iclevr_ddpm.data import load_image, to_model_range
+from iclevr_ddpm.io import load_torch
 from iclevr_ddpm.diffusion import diffusion_loss, noise_scheduler
 from iclevr_ddpm.model import ConditionalUNet, model_kwargs
 
@@ -35,13 +36,13 @@ def train_rate(preset: str, batch: int, steps: int) -> float:
 
 def loading(tensor_file: str, raw_dir: str, n: int = 3000) -> None:
     t0 = time.perf_counter()
-    images, labels = load_processed(tensor_file)
+    d = load_torch(tensor_file)
+    images, labels, files = d["images"], d["labels"], d["files"]
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in torch.randperm(len(images))[:n].tolist():  # a Dataset __getitem__ over the tensor
         _ = to_model_range(images[i]), labels[i]
     t_tensor = time.perf_counter() - t0
-    files = torch.load(tensor_file, weights_only=True)["files"]
     t0 = time.perf_counter()
     for f in files[:n]:  # a seed-style Dataset: decode each PNG with PIL per item
         _ = to_model_range(torch.from_numpy(load_image(f"{raw_dir}/images/{f}").copy()).permute(2, 0, 1))

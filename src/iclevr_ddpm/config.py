@@ -9,6 +9,12 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def check_choice(name: str, value, allowed) -> None:
+    """Fail at start on an unknown param value, listing the allowed ones."""
+    if value not in allowed:
+        raise ValueError(f"params.yaml: {name} {value!r} unknown; expected one of {list(allowed)}")
+
+
 def from_params(cls: type[T], params: dict | None, section: str) -> T:
     """Build dataclass `cls` from params[section]-style dict, rejecting unknown keys."""
     params = dict(params or {})

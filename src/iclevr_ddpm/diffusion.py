@@ -6,6 +6,8 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        UniPCMultistepScheduler)
 
+from .config import check_choice
+
 # params.yaml name -> diffusers beta_schedule
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2",
              "scaled_linear": "scaled_linear", "sigmoid": "sigmoid"}
@@ -13,16 +15,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
 
 
-def _check(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"params.yaml: {name} {value!r} unknown; expected one of {list(allowed)}")
-
-
 def noise_scheduler(schedule: str, num_train_timesteps: int = 1000,
                     prediction_type: str = "v_prediction") -> DDPMScheduler:
     """The training noise process (DDPM, Ho et al. 2020) for a named beta schedule."""
-    _check("schedule", schedule, SCHEDULES)
-    _check("diffusion.prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("schedule", schedule, SCHEDULES)
+    check_choice("diffusion.prediction_type", prediction_type, PREDICTION_TYPES)
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=SCHEDULES[schedule],
                          prediction_type=prediction_type, clip_sample=True)
 
@@ -30,7 +27,7 @@ def noise_scheduler(schedule: str, num_train_timesteps: int = 1000,
 def sampler_scheduler(name: str, train: DDPMScheduler, clip: bool = True):
     """A sampler's scheduler built from the training betas, so every schedule (sigmoid
     included, which the fast samplers lack) works with every sampler."""
-    _check("sample.sampler", name, SAMPLERS)
+    check_choice("sample.sampler", name, SAMPLERS)
     common = dict(num_train_timesteps=train.config.num_train_timesteps,
                   trained_betas=train.betas.tolist(), prediction_type=train.config.prediction_type)
     if name == "ddpm":

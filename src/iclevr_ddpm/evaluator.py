@@ -21,7 +21,7 @@ from torchvision.models import resnet18
 from tqdm import tqdm
 
 from .config import fingerprint, resolve_device
-from .data import load_processed, resize, to_model_range
+from .data import load_processed, resize, to_model_range, to_uint8
 from .io import load_checkpoint, load_torch, save_torch
 from .labels import NUM_LABELS
 
@@ -108,8 +108,7 @@ def augment(x: torch.Tensor, cfg: EvaluatorConfig, gen: torch.Generator) -> torc
 
 def heldout_scores(model, images, labels, cfg: EvaluatorConfig) -> dict:
     """Held-out accuracy on crisp images and after the low-res round trip."""
-    low = ((resize(resize(to_model_range(images), cfg.low_res), images.shape[-1]) + 1) * 127.5)
-    low = low.round().clamp(0, 255).to(torch.uint8)
+    low = to_uint8(resize(resize(to_model_range(images), cfg.low_res), images.shape[-1]))
     return {"heldout_accuracy": accuracy(predict(model, images), labels),
             "heldout_accuracy_lowres": accuracy(predict(model, low), labels)}
 

@@ -7,6 +7,7 @@ from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
+from .config import check_choice
 from .labels import NUM_LABELS
 
 # Named architectures (nanoGPT-style presets); params.yaml picks one and may override fields.
@@ -31,12 +32,9 @@ def model_kwargs(params: dict) -> dict:
     """Constructor kwargs from the `model` params: a preset plus overrides."""
     params = dict(params)
     preset = params.pop("preset", "cpu")
-    if preset not in PRESETS:
-        raise ValueError(f"params.yaml: model.preset {preset!r} unknown; expected one of {sorted(PRESETS)}")
+    check_choice("model.preset", preset, PRESETS)
     kw = {**PRESETS[preset], **params}
-    if kw.get("conditioning", "embedding") not in CONDITIONING:
-        raise ValueError(f"params.yaml: model.conditioning {kw['conditioning']!r} unknown; "
-                         f"expected one of {list(CONDITIONING)}")
+    check_choice("model.conditioning", kw.get("conditioning", "embedding"), CONDITIONING)
     return kw
 
 

@@ -13,7 +13,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from . import labels as L
-from .config import resolve_device
+from .config import check_choice, resolve_device
 from .data import resize, to_uint8
 from .diffusion import SAMPLERS, sampler_scheduler
 from .io import atomic_dir, save_image
@@ -34,8 +34,7 @@ class SampleConfig:
     frames: int = 10               # progression frames, noise to final: at most steps + 1
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"params.yaml: sample.sampler {self.sampler!r} unknown; expected one of {list(SAMPLERS)}")
+        check_choice("sample.sampler", self.sampler, SAMPLERS)
         if not 2 <= self.frames <= self.steps + 1:
             raise ValueError(f"params.yaml: sample.frames {self.frames} must be between 2 and "
                              f"sample.steps + 1 = {self.steps + 1}")

@@ -16,7 +16,7 @@ from diffusers.training_utils import EMAModel
 from dvclive import Live
 from tqdm import tqdm
 
-from .config import fingerprint, resolve_device
+from .config import check_choice, fingerprint, resolve_device
 from .data import load_processed, resize, to_model_range
 from .diffusion import diffusion_loss, noise_scheduler
 from .io import atomic_dir, load_checkpoint, save_torch
@@ -44,9 +44,7 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"params.yaml: train.lr_schedule {self.lr_schedule!r} unknown; "
-                             f"expected one of {list(LR_SCHEDULES)}")
+        check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
 
 
 def _accelerator(cfg: TrainConfig) -> Accelerator:
