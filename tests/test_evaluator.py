@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from iclevr_ddpm.config import resolve_precision
 from iclevr_ddpm.evaluator import (EvaluatorConfig, accuracy, build_evaluator, load_evaluator, save_evaluator,
                                    score_folder, topk_hits, train_evaluator)
 
@@ -62,6 +63,14 @@ def test_score_folder_table_and_metrics(tmp_path):
     assert [len(p.split(", ")) for p in table["predicted_topk"]] == [1, 2, 3]
 
 
+def test_precision_choices():
+    assert resolve_precision("no", "cpu", cpu_bf16=True) == "no"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") == "no"  # the DDPM keeps fp32 on the CPU
+    with pytest.raises(ValueError, match="evaluator.mixed_precision 'fp8'"):
+        EvaluatorConfig(mixed_precision="fp8")
+
+
 def test_missing_sample_is_a_clear_error(tmp_path):
     save_evaluator(build_evaluator(), tmp_path / "ev.pth")
     (tmp_path / "c.json").write_text(json.dumps([["red cube"], ["blue cube"]]))
@@ -76,6 +85,11 @@ def test_train_evaluator_learns_and_adopts_official_checkpoint(tiny_processed, t
     cfg = EvaluatorConfig(epochs=2, batch_size=16, device="cpu")
     res = train_evaluator(cfg, data, tmp_path / "ev.pth", tmp_path / "ck.pt", tmp_path / "live")
     assert res["epochs"] == 2 and 0 <= res["heldout_accuracy"] <= 1
+    assert res["precision"] == ("bf16" if resolve_precision("auto", "cpu", cpu_bf16=True) == "bf16" else "fp32")
+    # trained channels_last, saved as plain tensors that a stock resnet18 loads
+    state = torch.load(tmp_path / "ev.pth", weights_only=True)["model"]
+    assert all(v.is_contiguous() for v in state.values())
+    build_evaluator().load_state_dict(state)
     rows = (tmp_path / "live" / "plots" / "metrics" / "heldout_accuracy.tsv").read_text().splitlines()
     assert len(rows) == 3
     adopted = train_evaluator(EvaluatorConfig(checkpoint=str(tmp_path / "ev.pth")), data,

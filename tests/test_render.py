@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from iclevr_ddpm import labels as L
-from iclevr_ddpm.render import RGB, Scene, CAM_POS, KEY_POS, render, sample_scenes
+from iclevr_ddpm.render import RGB, Scene, CAM_POS, KEY_POS, render, sample_scenes, visible_fraction
 
 
 def test_same_seed_same_bytes_any_batch_split():
@@ -26,6 +26,28 @@ def test_objects_never_overlap_nor_repeat():
         for i, a in enumerate(sc.objs):
             for b in sc.objs[i + 1:]:
                 assert math.hypot(a[4] - b[4], a[5] - b[5]) - a[3] - b[3] >= 0.25 - 1e-9
+
+
+def test_visible_fraction_sees_an_object_hidden_behind_another():
+    """A small cube straight behind a large sphere (seen from the camera) covers ~0 of the frame."""
+    away = (np.array([0.0, 0.0, 0.0]) - CAM_POS)[:2]
+    bx, by = 2.0 * away / np.linalg.norm(away)
+    big, small = (0, 0, 0, 0.7, 0.0, 0.0, 0.0), (1, 1, 0, 0.35, float(bx), float(by), 0.0)
+    hidden = visible_fraction([Scene([big, small], CAM_POS, KEY_POS)])[0]
+    alone = visible_fraction([Scene([small], CAM_POS, KEY_POS)])[0]
+    assert hidden[1] < 0.0005 < 0.0013 < alone[0] and hidden[0] > 0.02 and hidden[2] == 0
+
+
+def test_min_visible_drops_only_scenes_with_a_hidden_object():
+    every = sample_scenes(0, 300)
+    kept = sample_scenes(0, 300, min_visible=0.0013)
+    frac = visible_fraction(kept)
+    assert len(kept) == 300 and bool((frac >= 0.0013).all())
+    assert bool((visible_fraction(every) < 0.0013).any())  # the check has something to do
+    # the same draws, minus the rejected scenes: kept is a subsequence of the unfiltered stream
+    stream = [sc.objs for sc in sample_scenes(0, 400)]
+    pos = [stream.index(sc.objs) for sc in kept]
+    assert pos == sorted(pos) and pos[-1] >= 300
 
 
 @pytest.mark.parametrize("shape", range(3))

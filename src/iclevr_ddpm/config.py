@@ -39,3 +39,17 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def resolve_precision(mixed_precision: str, device: str, cpu_bf16: bool = False) -> str:
+    """'auto' -> 'bf16' on CUDA with bf16 (else 'fp16'); on the CPU 'bf16' when `cpu_bf16`
+    and the CPU computes bfloat16 natively (AVX512-BF16 or AMX), else 'no'."""
+    import torch
+    check_choice("mixed_precision", mixed_precision, ("auto", "no", "fp16", "bf16"))
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if cpu_bf16 and native else "no"
