@@ -3,16 +3,19 @@
     python benchmarks/bench.py [TENSOR_FILE RAW_DIR]
 
 1. Training images/s of the DDPM for the `cpu` preset and the `report` preset.
-2. Loading the preprocessed tensor file vs decoding PNGs with PIL per item.
+2. Training images/s of the ResNet18 evaluator: fp32, channels_last, and with bf16 autocast.
+3. Loading the preprocessed tensor file vs decoding PNGs with PIL per item.
 """
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from iclevr_ddpm.data import load_image, to_model_range
 from iclevr_ddpm.io import load_torch
 from iclevr_ddpm.diffusion import diffusion_loss, noise_scheduler
+from iclevr_ddpm.evaluator import build_evaluator
 from iclevr_ddpm.model import ConditionalUNet, model_kwargs
 
 
@@ -31,6 +34,25 @@ def train_rate(preset: str, batch: int, steps: int) -> float:
     rate = steps * batch / (time.perf_counter() - t0)
     n = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"train {preset:7s} {n:6.1f}M params {res}x{res} batch {batch}: {rate:7.1f} images/s")
+    return rate
+
+
+def evaluator_rate(channels_last: bool, bf16: bool, batch: int = 64, steps: int = 8) -> float:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_evaluator().to(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.rand(batch, 3, 64, 64).to(memory_format=fmt) * 2 - 1, torch.zeros(batch, 24)
+    for i in range(steps + 2):
+        if i == 2:
+            t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            probs = model(x)
+        loss = F.binary_cross_entropy(probs.float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rate = steps * batch / (time.perf_counter() - t0)
+    print(f"evaluator batch {batch} channels_last={channels_last!s:5} bf16={bf16!s:5}: {rate:6.1f} images/s")
     return rate
 
 
@@ -56,5 +78,7 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     train_rate("cpu", 32, 10)
     train_rate("report", 4, 3)
+    for fmt, bf16 in ((False, False), (True, False), (True, True)):
+        evaluator_rate(fmt, bf16)
     if len(sys.argv) == 3:
         loading(*sys.argv[1:])
