@@ -10,12 +10,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from iclevr_ddpm.data import load_image, to_model_range
 from iclevr_ddpm.io import load_torch
 from iclevr_ddpm.diffusion import diffusion_loss, noise_scheduler
-from iclevr_ddpm.evaluator import build_evaluator
+from iclevr_ddpm.evaluator import bce_loss, build_evaluator
 from iclevr_ddpm.model import ConditionalUNet, model_kwargs
 
 
@@ -45,9 +44,7 @@ def evaluator_rate(channels_last: bool, bf16: bool, batch: int = 64, steps: int 
     for i in range(steps + 2):
         if i == 2:
             t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            probs = model(x)
-        loss = F.binary_cross_entropy(probs.float(), y)
+        loss = bce_loss(model, x, y, bf16)  # the train_evaluator step
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -83,6 +83,23 @@ def _place(rng, objs, used, min_gap, cam_pos):
     return None
 
 
+VISIBILITY_CHUNK = 64  # candidate scenes checked together; fixed, so results depend on the seed only
+
+
+def _draw_scene(rng, n_objects: int, min_gap: float) -> Scene | None:
+    """One scene with camera and light jitter, or None when the objects did not fit."""
+    cam = CAM_POS + rng.uniform(-0.5, 0.5, 3)
+    key = KEY_POS + rng.uniform(-1.0, 1.0, 3)
+    objs, used = [], set()
+    for _ in range(n_objects):
+        obj = _place(rng, objs, used, min_gap, cam)
+        if obj is None:
+            return None  # crowded draw: the caller resamples the whole scene
+        objs.append(obj)
+        used.add(obj[:2])
+    return Scene(objs, cam, key)
+
+
 def sample_scenes(seed: int, n: int, n_objects: int = MAX_OBJECTS, min_gap: float = 0.25,
                   min_visible: float = 0.0) -> list[Scene]:
     """n seeded scenes of n_objects non-overlapping objects, with camera and light jitter.
@@ -97,25 +114,13 @@ def sample_scenes(seed: int, n: int, n_objects: int = MAX_OBJECTS, min_gap: floa
     while len(scenes) < n:
         chunk = []
         while len(chunk) < VISIBILITY_CHUNK:
-            cam = CAM_POS + rng.uniform(-0.5, 0.5, 3)
-            key = KEY_POS + rng.uniform(-1.0, 1.0, 3)
-            objs, used = [], set()
-            for _ in range(n_objects):
-                obj = _place(rng, objs, used, min_gap, cam)
-                if obj is None:
-                    break
-                objs.append(obj)
-                used.add(obj[:2])
-            if len(objs) == n_objects:  # else a crowded draw: resample the whole scene
-                chunk.append(Scene(objs, cam, key))
+            if (scene := _draw_scene(rng, n_objects, min_gap)) is not None:
+                chunk.append(scene)
         if min_visible > 0:
             ok = (visible_fraction(chunk)[:, :n_objects] >= min_visible).all(1)
             chunk = [sc for sc, keep in zip(chunk, ok.tolist()) if keep]
         scenes += chunk
     return scenes[:n]
-
-
-VISIBILITY_CHUNK = 64
 
 
 def visible_fraction(scenes: list[Scene], width: int = 128, height: int = 96) -> torch.Tensor:
