@@ -82,6 +82,8 @@ def test_bad_params_fail_with_allowed_values():
         from_params(TrainConfig, {"learning_rate": 1}, "train")
     with pytest.raises(ValueError, match="train.lr_schedule 'step' unknown"):
         TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="train.mixed_precision 'fp8' unknown"):
+        TrainConfig(mixed_precision="fp8")
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -45,6 +45,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
 
 
 def _accelerator(cfg: TrainConfig) -> Accelerator:
