@@ -41,11 +41,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
 def resolve_precision(mixed_precision: str, device: str, cpu_bf16: bool = False) -> str:
     """'auto' -> 'bf16' on CUDA with bf16 (else 'fp16'); on the CPU 'bf16' when `cpu_bf16`
     and the CPU computes bfloat16 natively (AVX512-BF16 or AMX), else 'no'."""
     import torch
-    check_choice("mixed_precision", mixed_precision, ("auto", "no", "fp16", "bf16"))
+    check_choice("mixed_precision", mixed_precision, PRECISIONS)
     if mixed_precision != "auto":
         return mixed_precision
     if device == "cuda":

@@ -16,7 +16,7 @@ from diffusers.training_utils import EMAModel
 from dvclive import Live
 from tqdm import tqdm
 
-from .config import check_choice, fingerprint, resolve_device, resolve_precision
+from .config import PRECISIONS, check_choice, fingerprint, resolve_device, resolve_precision
 from .data import load_processed, resize, to_model_range
 from .diffusion import diffusion_loss, noise_scheduler
 from .io import atomic_dir, load_checkpoint, save_torch
@@ -45,7 +45,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
+        check_choice("train.mixed_precision", self.mixed_precision, PRECISIONS)
 
 
 def _accelerator(cfg: TrainConfig) -> Accelerator:
