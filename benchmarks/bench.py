@@ -15,22 +15,28 @@ from iclevr_ddpm.data import load_image, to_model_range
 from iclevr_ddpm.io import load_torch
 from iclevr_ddpm.diffusion import diffusion_loss, noise_scheduler
 from iclevr_ddpm.evaluator import bce_loss, build_evaluator
+from iclevr_ddpm.labels import NUM_LABELS
 from iclevr_ddpm.model import ConditionalUNet, model_kwargs
+
+
+def _steps_rate(loss_fn, model, lr: float, batch: int, steps: int, warmup: int) -> float:
+    """Images/s of `steps` AdamW steps on loss_fn() after `warmup` untimed ones."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return steps * batch / (time.perf_counter() - t0)
 
 
 def train_rate(preset: str, batch: int, steps: int) -> float:
     model = ConditionalUNet(**model_kwargs({"preset": preset}))
     res, sched = model.config.resolution, noise_scheduler("cosine")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = torch.rand(batch, 3, res, res) * 2 - 1, torch.zeros(batch, 24)
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()  # first step warms up
-        loss = diffusion_loss(model, sched, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    rate = steps * batch / (time.perf_counter() - t0)
+    x, y = torch.rand(batch, 3, res, res) * 2 - 1, torch.zeros(batch, NUM_LABELS)
+    rate = _steps_rate(lambda: diffusion_loss(model, sched, x, y), model, 1e-4, batch, steps, warmup=1)
     n = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"train {preset:7s} {n:6.1f}M params {res}x{res} batch {batch}: {rate:7.1f} images/s")
     return rate
@@ -39,16 +45,9 @@ def train_rate(preset: str, batch: int, steps: int) -> float:
 def evaluator_rate(channels_last: bool, bf16: bool, batch: int = 64, steps: int = 8) -> float:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_evaluator().to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.rand(batch, 3, 64, 64).to(memory_format=fmt) * 2 - 1, torch.zeros(batch, 24)
-    for i in range(steps + 2):
-        if i == 2:
-            t0 = time.perf_counter()
-        loss = bce_loss(model, x, y, bf16)  # the train_evaluator step
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    rate = steps * batch / (time.perf_counter() - t0)
+    x, y = torch.rand(batch, 3, 64, 64).to(memory_format=fmt) * 2 - 1, torch.zeros(batch, NUM_LABELS)
+    # the train_evaluator step
+    rate = _steps_rate(lambda: bce_loss(model, x, y, bf16), model, 1e-3, batch, steps, warmup=2)
     print(f"evaluator batch {batch} channels_last={channels_last!s:5} bf16={bf16!s:5}: {rate:6.1f} images/s")
     return rate
 
