@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from iclevr_ddpm.config import resolve_precision
-from iclevr_ddpm.evaluator import (EvaluatorConfig, accuracy, build_evaluator, load_evaluator, save_evaluator,
-                                   score_folder, topk_hits, train_evaluator)
+from iclevr_ddpm.evaluator import (EvaluatorConfig, accuracy, augment, build_evaluator, load_evaluator,
+                                   save_evaluator, score_folder, topk_hits, train_evaluator)
 
 
 def test_topk_metric_hand_computed():
@@ -63,6 +63,20 @@ def test_score_folder_table_and_metrics(tmp_path):
     assert [len(p.split(", ")) for p in table["predicted_topk"]] == [1, 2, 3]
 
 
+def test_augment_moves_whole_pixels_without_blur():
+    # a one-pixel checkerboard is destroyed by any fractional (bilinear) shift
+    board = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 2.0 - 1
+    x = board.expand(16, 3, 64, 64).clone()
+    out = augment(x, EvaluatorConfig(low_res_prob=0.0, max_shift=0.06), torch.Generator().manual_seed(0))
+    inner = out[:, :, 4:-4, 4:-4]
+    assert torch.allclose(inner.abs(), torch.ones_like(inner), atol=1e-4)
+    # shifted, not all left in place: some images start on the other colour
+    assert (inner[:, 0, 0, 0] > 0).any() and (inner[:, 0, 0, 0] < 0).any()
+    # low_res_prob 1: every batch goes through the 32 -> 64 round trip, which blurs it
+    blurred = augment(x, EvaluatorConfig(low_res_prob=1.0), torch.Generator().manual_seed(0))
+    assert blurred[:, :, 4:-4, 4:-4].abs().max() < 0.5
+
+
 def test_precision_choices():
     assert resolve_precision("no", "cpu", cpu_bf16=True) == "no"
     assert resolve_precision("bf16", "cpu") == "bf16"
@@ -96,3 +110,34 @@ def test_train_evaluator_learns_and_adopts_official_checkpoint(tiny_processed, t
                               tmp_path / "copy.pth", tmp_path / "ck2.pt", tmp_path / "live2")
     assert adopted["heldout_accuracy"] == pytest.approx(res["heldout_accuracy"])
     assert (tmp_path / "copy.pth").read_bytes() == (tmp_path / "ev.pth").read_bytes()
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_evaluator_resumes_after_kill_and_saves_the_ema_weights(tiny_processed, tmp_path, monkeypatch):
+    import iclevr_ddpm.evaluator as E
+    data = tiny_processed[0] / "iclevr.pt"
+    cfg = EvaluatorConfig(epochs=2, batch_size=16, device="cpu", mixed_precision="no", ema_decay=0.99)
+
+    def run(name):
+        return train_evaluator(cfg, data, tmp_path / f"{name}.pth", tmp_path / f"{name}_ck.pt", tmp_path / name)
+    run("full")
+    real_save = E.save_torch
+
+    def killed_after_first_checkpoint(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt("simulated kill")
+    monkeypatch.setattr(E, "save_torch", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    assert torch.load(tmp_path / "resumed_ck.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(E, "save_torch", real_save)
+    run("resumed")
+    full, resumed = _weights(tmp_path / "full.pth"), _weights(tmp_path / "resumed.pth")
+    assert all(torch.allclose(full[k].float(), resumed[k].float(), atol=1e-6) for k in full)
+    # the saved evaluator holds the averaged weights, not the last trained ones
+    trained = _weights(tmp_path / "full_ck.pt")
+    assert not torch.allclose(full["fc.0.weight"], trained["fc.0.weight"])
+    assert torch.equal(full["bn1.running_mean"], trained["bn1.running_mean"])

@@ -6,6 +6,7 @@ input (B, 3, 64, 64) in [-1, 1], checkpoint {"model": state_dict}.
 """
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from dvclive import Live
 from torch import nn
 from torchvision.models import resnet18
@@ -34,10 +36,12 @@ class EvaluatorConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3              # peak of a warm-up + cosine schedule
-    weight_decay: float = 1e-4
-    low_res_prob: float = 0.5     # share of batches shrunk to low_res and enlarged back
+    weight_decay: float = 0.05     # decoupled (AdamW)
+    ema_decay: float = 0.999      # scored and saved weights: an EMA of the trained ones (0 = off)
+    low_res_prob: float = 0.25    # share of batches shrunk to low_res and enlarged back
     low_res: int = 32
     max_shift: float = 0.06       # random translation, fraction of the image
+    hflip: bool = False           # mirror images at random (also mirrors the scene's lighting)
     threads: int = 0              # torch CPU threads; 0 = torch's default
     mixed_precision: str = "auto"  # auto (bf16 where the CPU or GPU has it natively) | no | bf16
 
@@ -95,15 +99,19 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> to
 
 
 def augment(x: torch.Tensor, cfg: EvaluatorConfig, gen: torch.Generator) -> torch.Tensor:
-    """Label-preserving augmentation of a batch (B, 3, 64, 64) in [-1, 1]: horizontal flip,
-    small translation, and (for a share of batches) the 32 -> 64 round trip that generated
+    """Label-preserving augmentation of a batch (B, 3, 64, 64) in [-1, 1]: optional horizontal
+    flip, small translation, and (for a share of batches) the 32 -> 64 round trip that generated
     samples go through. Colours are never changed: they are the labels."""
-    b = len(x)
-    flip = torch.rand(b, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    b, size = len(x), x.shape[-1]
+    if cfg.hflip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    # whole-pixel shifts: a fractional one resamples bilinearly and blurs objects a few
+    # pixels wide, which the crisp images to be scored never are
+    shift = ((torch.rand(b, 2, generator=gen) * 2 - 1) * cfg.max_shift * size).round()
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, :, 2] = (torch.rand(b, 2, generator=gen) * 2 - 1) * 2 * cfg.max_shift
+    theta[:, :, 2] = shift * 2 / size  # grid units: the image spans [-1, 1]
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     if torch.rand(1, generator=gen).item() < cfg.low_res_prob:
@@ -126,7 +134,7 @@ def bce_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = Fa
     return F.binary_cross_entropy(probs.float().clamp(1e-6, 1 - 1e-6), y)
 
 
-def _epoch(model, opt, sched, x_all, y_all, cfg, gen, dev, bf16: bool) -> float:
+def _epoch(model, opt, sched, ema, x_all, y_all, cfg, gen, dev, bf16: bool) -> float:
     """One pass over the shuffled training set; returns the mean BCE loss."""
     model.train()
     order = torch.randperm(len(x_all), generator=gen)
@@ -140,8 +148,19 @@ def _epoch(model, opt, sched, x_all, y_all, cfg, gen, dev, bf16: bool) -> float:
         loss.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.step(model.parameters())
         total += loss.item()
     return total / n_batches
+
+
+def _averaged(model: nn.Module, ema: EMAModel | None) -> nn.Module:
+    """A copy of `model` with the EMA weights (BatchNorm statistics from `model`); `model` if no EMA."""
+    if ema is None:
+        return model
+    averaged = copy.deepcopy(model)
+    ema.copy_to(averaged.parameters())
+    return averaged
 
 
 def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_dir) -> dict:
@@ -165,27 +184,33 @@ def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_d
     steps = cfg.epochs * math.ceil(len(x_tr) / cfg.batch_size)
     # linear warm-up for 10% of the steps, then cosine decay to zero
     sched = get_scheduler("cosine", opt, num_warmup_steps=max(1, steps // 10), num_training_steps=steps)
+    # EMA with warm-up (decay 1 - (1 + step)^-2/3, capped): early epochs are not held back
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay else None
     gen, epoch, fp = torch.Generator().manual_seed(cfg.seed), 0, fingerprint(asdict(cfg), len(x_tr))
     ckpt = Path(ckpt_path)
     if (state := load_checkpoint(ckpt, fp)) is not None:
         model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"]), gen.set_state(state["rng"])
         epoch = state["epoch"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         print(f"{ckpt}: resuming after epoch {epoch}")
     live = Live(str(live_dir), resume=epoch > 0, save_dvc_exp=False, dvcyaml=None)
     scores = {}
     while epoch < cfg.epochs:
-        loss = _epoch(model, opt, sched, x_tr, y_tr, cfg, gen, dev, bf16)
+        loss = _epoch(model, opt, sched, ema, x_tr, y_tr, cfg, gen, dev, bf16)
         epoch += 1
-        scores = heldout_scores(model, x_ho, y_ho, cfg)
+        scores = heldout_scores(_averaged(model, ema), x_ho, y_ho, cfg)
         live.step = epoch
         for name, value in {"loss": loss, **scores}.items():
             live.log_metric(name, value)
         print(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, held-out accuracy "
               f"{scores['heldout_accuracy']:.4f} (low-res {scores['heldout_accuracy_lowres']:.4f})")
         save_torch({"fingerprint": fp, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": gen.get_state()}, ckpt)
+                    "scheduler": sched.state_dict(), "rng": gen.get_state(),
+                    "ema": ema.state_dict() if ema is not None else None}, ckpt)
     live.end()
+    model = _averaged(model, ema)
     save_evaluator(model.cpu(), out_path)
     if not scores:
         scores = heldout_scores(model, x_ho, y_ho, cfg)
