@@ -32,3 +32,18 @@ def tiny_processed(tiny_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("processed")
     stats = preprocess(tiny_raw, out / "iclevr.pt", out, heldout_fraction=0.25, seed=0)
     return out, stats
+
+
+@pytest.fixture
+def kill_after_first_save(monkeypatch):
+    """kill(module): module.save_torch writes its first checkpoint, then raises as a kill would.
+    Returns a function that lets the module save normally again."""
+    def kill(module):
+        real = module.save_torch
+
+        def killed(obj, path):
+            real(obj, path)
+            raise KeyboardInterrupt("simulated kill")
+        monkeypatch.setattr(module, "save_torch", killed)
+        return lambda: monkeypatch.setattr(module, "save_torch", real)
+    return kill

@@ -116,7 +116,7 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_evaluator_resumes_after_kill_and_saves_the_ema_weights(tiny_processed, tmp_path, monkeypatch):
+def test_evaluator_resumes_after_kill_and_saves_the_ema_weights(tiny_processed, tmp_path, kill_after_first_save):
     import iclevr_ddpm.evaluator as E
     data = tiny_processed[0] / "iclevr.pt"
     cfg = EvaluatorConfig(epochs=2, batch_size=16, device="cpu", mixed_precision="no", ema_decay=0.99)
@@ -124,16 +124,12 @@ def test_evaluator_resumes_after_kill_and_saves_the_ema_weights(tiny_processed, 
     def run(name):
         return train_evaluator(cfg, data, tmp_path / f"{name}.pth", tmp_path / f"{name}_ck.pt", tmp_path / name)
     run("full")
-    real_save = E.save_torch
-
-    def killed_after_first_checkpoint(obj, path):
-        real_save(obj, path)
-        raise KeyboardInterrupt("simulated kill")
-    monkeypatch.setattr(E, "save_torch", killed_after_first_checkpoint)
+    revive = kill_after_first_save(E)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
     assert torch.load(tmp_path / "resumed_ck.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(E, "save_torch", real_save)
+    assert not (tmp_path / "resumed.pth").exists()
+    revive()
     run("resumed")
     full, resumed = _weights(tmp_path / "full.pth"), _weights(tmp_path / "resumed.pth")
     assert all(torch.allclose(full[k].float(), resumed[k].float(), atol=1e-6) for k in full)

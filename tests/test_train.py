@@ -31,21 +31,14 @@ def test_train_writes_model_metrics_and_dvclive(tiny_processed, tmp_path):
     assert json.loads((tmp_path / "a_live" / "metrics.json").read_text())["step"] == 20
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tiny_processed, tmp_path, monkeypatch):
+def test_resume_after_kill_matches_uninterrupted_run(tiny_processed, tmp_path, kill_after_first_save):
     data = tiny_processed[0] / "iclevr.pt"
     _run(tmp_path, data, _cfg(), "full")
-
-    real_save = T.save_torch
-
-    def killed_after_first_checkpoint(obj, path):
-        real_save(obj, path)
-        raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(T, "save_torch", killed_after_first_checkpoint)
+    revive = kill_after_first_save(T)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, data, _cfg(), "resumed")
     assert not (tmp_path / "resumed_model").exists()
-    monkeypatch.setattr(T, "save_torch", real_save)
+    revive()
     res = _run(tmp_path, data, _cfg(), "resumed")
     assert res["steps"] == 20 and res["steps_this_run"] == 10
     full, resumed = _weights(tmp_path / "full_model"), _weights(tmp_path / "resumed_model")
