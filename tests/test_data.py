@@ -31,6 +31,13 @@ def test_preprocess_synthetic(tiny_raw, tiny_processed):
     assert L.load_conditions(out / "test.json") == L.load_conditions(tiny_raw / "test.json")
 
 
+def test_preprocess_output_is_byte_identical_on_rerun(tiny_raw, tiny_processed, tmp_path):
+    """Same input, same bytes: otherwise DVC sees a new hash and reruns every later stage."""
+    out, _ = tiny_processed
+    preprocess(tiny_raw, tmp_path / "again.pt", tmp_path, heldout_fraction=0.25, seed=0)
+    assert (tmp_path / "again.pt").read_bytes() == (out / "iclevr.pt").read_bytes()
+
+
 def _real_like(root, n=4):
     """A hand-made 'real' folder: RGBA 320x240 PNGs of a coloured block on grey."""
     (root / "images").mkdir(parents=True)

@@ -35,8 +35,10 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # through a file object: given a path, torch.save names the zip's inner folder after it,
+    # and the random temporary name would make the bytes (and DVC's hash) differ every run
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_torch(path: str | os.PathLike) -> Any:
