@@ -33,7 +33,7 @@ class EvaluatorConfig:
     checkpoint: str | None = None  # path to the official checkpoint.pth: used instead of training
     device: str = "auto"
     seed: int = 0
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 128
     lr: float = 2e-3              # peak of a warm-up + cosine schedule
     weight_decay: float = 0.05     # decoupled (AdamW)
