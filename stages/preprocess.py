@@ -11,7 +11,7 @@ from iclevr_ddpm.io import load_params, save_json
 def main(raw_dir: str, out_file: str, conditions_dir: str, metrics: str) -> None:
     p = load_params()["data"]
     stats = preprocess(raw_dir, out_file, conditions_dir, size=p["size"],
-                       heldout_fraction=p["heldout_fraction"], seed=p["seed"])
+                       heldout_fraction=p["heldout_fraction"], seed=p["seed"], val_size=p["val_size"])
     save_json(stats, metrics)
     print(f"preprocessed {stats['images']} images in {stats['seconds']} s -> {out_file}")
 

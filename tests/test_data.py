@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from iclevr_ddpm import labels as L
-from iclevr_ddpm.data import DataError, load_processed, preprocess, resize
+from iclevr_ddpm.data import DataError, load_processed, preprocess, resize, val_split
 
 
 def test_preprocess_synthetic(tiny_raw, tiny_processed):
@@ -29,6 +29,24 @@ def test_preprocess_synthetic(tiny_raw, tiny_processed):
     x, y = load_processed(out / "iclevr.pt", "heldout")
     assert len(x) == len(y) == 9
     assert L.load_conditions(out / "test.json") == L.load_conditions(tiny_raw / "test.json")
+
+
+def test_val_split_is_heldout_scenes_only(tiny_processed):
+    """val conditions are the labels of held-out images, whose scenes no model trains on."""
+    out, stats = tiny_processed
+    d = torch.load(out / "iclevr.pt", weights_only=True)
+    conditions, files = val_split(d["files"], d["labels"], d["heldout"], size=5, seed=0)
+    assert len(conditions) == len(files) == 5 and len(set(files)) == 5
+    train_scenes = {f.rsplit("_", 1)[0] for f, h in zip(d["files"], d["heldout"].tolist()) if not h}
+    assert not {f.rsplit("_", 1)[0] for f in files} & train_scenes
+    by_file = dict(zip(d["files"], d["labels"]))
+    assert all(c == L.decode(by_file[f]) and 1 <= len(c) <= 3 for c, f in zip(conditions, files))
+    assert val_split(d["files"], d["labels"], d["heldout"], 5, 0) == (conditions, files)  # seeded
+    assert val_split(d["files"], d["labels"], d["heldout"], 5, 1)[1] != files
+    # preprocess wrote every held-out image's labels (9 < the default 256), in file order
+    written = L.load_conditions(out / "val.json")
+    assert written == [L.decode(lab) for lab, h in zip(d["labels"], d["heldout"].tolist()) if h]
+    assert stats["val_conditions"] == 9
 
 
 def test_preprocess_output_is_byte_identical_on_rerun(tiny_raw, tiny_processed, tmp_path):

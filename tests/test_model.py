@@ -6,7 +6,7 @@ import torch
 from iclevr_ddpm.config import from_params
 from iclevr_ddpm.data import load_processed, resize, to_model_range
 from iclevr_ddpm.diffusion import SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, sampler_scheduler
-from iclevr_ddpm.model import ConditionalUNet, model_kwargs
+from iclevr_ddpm.model import CONDITIONING, ConditionalUNet, model_kwargs
 from iclevr_ddpm.train import TrainConfig
 
 
@@ -16,7 +16,7 @@ def tiny(**kw):
 
 
 def test_save_load_round_trip(tmp_path):
-    for cond in ("embedding", "none"):
+    for cond in CONDITIONING:
         m = tiny(conditioning=cond).eval()
         m.save_pretrained(tmp_path / cond)
         assert (tmp_path / cond / "diffusion_pytorch_model.safetensors").exists()
@@ -26,14 +26,26 @@ def test_save_load_round_trip(tmp_path):
         assert back.config.conditioning == cond
 
 
-def test_labels_reach_the_output_only_with_embedding():
+def test_labels_reach_the_output_unless_conditioning_is_none():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([500, 500])
     a, b = torch.eye(24)[[0, 0]], torch.eye(24)[[5, 5]]
-    for cond, differs in (("embedding", True), ("none", False)):
+    for cond in CONDITIONING:
+        differs = cond != "none"
         m = tiny(conditioning=cond).eval()
         torch.nn.init.normal_(m.unet.conv_out.weight)  # diffusers zero-inits nothing here; keep outputs non-trivial
         with torch.no_grad():
             assert (not torch.allclose(m(x, t, a), m(x, t, b))) == differs
+
+
+def test_conditioning_builds_the_named_network():
+    adagn = tiny(conditioning="scale_shift")
+    resnet = adagn.unet.down_blocks[0].resnets[0]
+    assert resnet.time_embedding_norm == "scale_shift"
+    assert resnet.time_emb_proj.out_features == 2 * resnet.conv1.out_channels  # a scale and a shift
+    assert tiny(conditioning="concat").unet.conv_in.in_channels == 3 + 24
+    assert tiny(conditioning="concat").label_proj is None
+    with pytest.raises(ValueError, match="model.conditioning 'film' unknown"):
+        tiny(conditioning="film")
 
 
 def test_report_preset_size():

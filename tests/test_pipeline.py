@@ -15,7 +15,8 @@ TINY = {
     "render": {"scenes": 24},
     "data": {"heldout_fraction": 0.25},
     "model": {"preset": "tiny"},
-    "train": {"max_steps": 20, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 10},
+    "train": {"max_steps": 20, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 10, "eval_every": 10,
+              "eval_images": 4, "eval_sample": {"steps": 4, "frames": 2, "batch_size": 4}},
     "sample": {"steps": 8, "frames": 8, "batch_size": 16},
     "evaluator": {"epochs": 1, "batch_size": 32},
 }
@@ -60,14 +61,20 @@ def test_repro_then_experiment_with_linear_schedule(repo):
         assert 0 <= m["accuracy"] <= 1 and m["images"] == 32
         assert len(list((repo / "samples" / split).glob("*.png"))) == 32
         assert (repo / "plots" / f"{split}_grid.png").exists()
-    assert json.loads((repo / "metrics" / "data.json").read_text())["images"] == 72
+    data = json.loads((repo / "metrics" / "data.json").read_text())
+    assert data["images"] == 72 and data["val_conditions"] == data["heldout_images"] == 18
+    val = json.loads((repo / "metrics" / "val.json").read_text())
+    assert val["images"] == 18 and 0 <= val["accuracy"] <= 1
+    assert 0 <= json.loads((repo / "metrics" / "train.json").read_text())["val_accuracy"] <= 1
+    assert (repo / "dvclive" / "train" / "plots" / "metrics" / "val_accuracy.tsv").exists()
     assert "up to date" in run(["dvc", "status"], repo)
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "base"]):
         subprocess.run(cmd, cwd=repo, check=True)
 
     out = run(["dvc", "exp", "run", "-S", "schedule=linear"], repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "sample@test", "sample@new_test", "evaluate@test", "evaluate@new_test"}
+    assert ran == {"train", "sample@val", "sample@test", "sample@new_test",
+                   "evaluate@val", "evaluate@test", "evaluate@new_test"}
     diff = run(["dvc", "metrics", "diff", "--all"], repo)
     assert "metrics/test.json" in diff and "metrics/new_test.json" in diff and "accuracy" in diff
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo)

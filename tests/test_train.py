@@ -65,3 +65,44 @@ def test_nan_loss_names_the_step(tiny_processed, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "diffusion_loss", nan_on_third)
     with pytest.raises(FloatingPointError, match="training loss is nan at step 3"):
         _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(), "nan")
+
+
+def _tiny_evaluator_and_val(tmp, processed):
+    """A (random) evaluator file and the tiny set's val.json: what the probe needs."""
+    from iclevr_ddpm.evaluator import build_evaluator, save_evaluator
+    torch.manual_seed(0)
+    save_evaluator(build_evaluator(), tmp / "evaluator.pth")
+    return tmp / "evaluator.pth", processed / "val.json"
+
+
+EVAL = {"eval_every": 10, "eval_images": 4, "eval_sample": {"steps": 2, "frames": 2, "batch_size": 4}}
+
+
+def test_val_accuracy_is_logged_during_training(tiny_processed, tmp_path):
+    evaluator, val = _tiny_evaluator_and_val(tmp_path, tiny_processed[0])
+    res = T.train(_cfg(**EVAL), model_kwargs({"preset": "tiny"}), {}, "cosine", tiny_processed[0] / "iclevr.pt",
+                  tmp_path / "m", tmp_path / "c", tmp_path / "live", evaluator, val)
+    rows = (tmp_path / "live" / "plots" / "metrics" / "val_accuracy.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["step", "val_accuracy"]
+    logged = [(int(r.split("\t")[0]), float(r.split("\t")[1])) for r in rows[1:]]
+    assert [step for step, _ in logged] == [10, 20] and all(0 <= a <= 1 for _, a in logged)
+    minutes = (tmp_path / "live" / "plots" / "metrics" / "train_minutes.tsv").read_text().splitlines()
+    assert len(minutes) == 3 and 0 < float(minutes[1].split("\t")[1]) < float(minutes[2].split("\t")[1])
+    # the last figure is the saved EMA model's, scored again from scratch
+    from iclevr_ddpm.diffusion import noise_scheduler
+    probe = T.ValProbe(_cfg(**EVAL), noise_scheduler("cosine"), evaluator, val, "cpu")
+    assert len(probe.conditions) == 4
+    again = probe(ConditionalUNet.from_pretrained(tmp_path / "m").eval())
+    assert res["val_accuracy"] == round(logged[-1][1], 4) == round(again, 4)
+    assert res["eval_seconds"] > 0
+
+
+def test_eval_every_without_evaluator_fails_before_training(tiny_processed, tmp_path):
+    with pytest.raises(ValueError, match="train.eval_every needs an evaluator"):
+        _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(**EVAL), "noeval")
+    assert not (tmp_path / "noeval_ckpt").exists()
+
+
+def test_unknown_eval_sample_key_fails_at_start():
+    with pytest.raises(ValueError, match="train.eval_sample.sampler_name is not a known key"):
+        _cfg(eval_sample={"sampler_name": "ddim"})

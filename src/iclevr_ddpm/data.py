@@ -4,6 +4,8 @@ Raw layout (the real data set's, and what `render` writes):
     <raw_dir>/objects.json, train.json, test.json, new_test.json, images/<file>.png
 Tensor file: {"images": uint8 (N, 3, 64, 64), "labels": float (N, 24) in {0, 1},
               "files": list[str], "heldout": bool (N,)}.
+Condition files written beside it: test.json, new_test.json (validated copies) and
+val.json, the label lists of held-out images that settings are tuned on.
 """
 from __future__ import annotations
 
@@ -61,6 +63,20 @@ def heldout_mask(files: list[str], fraction: float, seed: int) -> torch.Tensor:
     return torch.tensor([f.rsplit("_", 1)[0] in chosen for f in files])
 
 
+def val_split(files: list[str], lab: torch.Tensor, heldout: torch.Tensor, size: int,
+              seed: int) -> tuple[list[list[str]], list[str]]:
+    """`size` label lists (1-3 objects each) of seeded held-out images: the `val` condition split.
+
+    Its scenes are never trained on, by the DDPM or the evaluator. Returns the conditions
+    (in the format of test.json) and the files they were read from; fewer than `size`
+    when fewer images are held out.
+    """
+    pool = heldout.nonzero().flatten().numpy()
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(pool, min(size, len(pool)), replace=False).tolist())
+    return [L.decode(lab[i]) for i in chosen], [files[i] for i in chosen]
+
+
 def statistics(lab: torch.Tensor, heldout: torch.Tensor) -> dict:
     """Data-set figures for metrics/data.json."""
     per_image = Counter(lab.sum(1).int().tolist())
@@ -71,8 +87,8 @@ def statistics(lab: torch.Tensor, heldout: torch.Tensor) -> dict:
 
 
 def preprocess(raw_dir, out_file, conditions_dir, size: int = 64, heldout_fraction: float = 0.05,
-               seed: int = 0) -> dict:
-    """Validate raw_dir and write the tensor file and validated condition files.
+               seed: int = 0, val_size: int = 256) -> dict:
+    """Validate raw_dir and write the tensor file and the condition files (test, new_test, val).
 
     Returns the statistics dict. Raises LabelFileError / DataError naming the bad entry.
     """
@@ -87,9 +103,11 @@ def preprocess(raw_dir, out_file, conditions_dir, size: int = 64, heldout_fracti
     lab = L.multi_hot([train[f] for f in files])
     held = heldout_mask(files, heldout_fraction, seed)
     save_torch({"images": images, "labels": lab, "files": files, "heldout": held}, out_file)
+    conditions["val"], _ = val_split(files, lab, held, val_size, seed)
     for split, conds in conditions.items():
         save_json(conds, Path(conditions_dir) / f"{split}.json")
     stats = statistics(lab, held)
+    stats["val_conditions"] = len(conditions["val"])
     stats["seconds"] = round(time.perf_counter() - t0, 1)
     return stats
 

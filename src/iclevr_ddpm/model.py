@@ -25,7 +25,12 @@ PRESETS = {
                    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4),
 }
-CONDITIONING = ("embedding", "none")
+# How the multi-hot labels reach the network (the seed reports compare these):
+#   embedding    Linear(labels) added to the time embedding, which each ResNet block adds to its features
+#   scale_shift  the same embedding, applied as AdaGN: GroupNorm(h) * (1 + scale) + shift (Dhariwal & Nichol 2021)
+#   concat       the 24 label values as constant extra input channels
+#   none         no label input (ablation)
+CONDITIONING = ("embedding", "scale_shift", "concat", "none")
 
 
 def model_kwargs(params: dict) -> dict:
@@ -39,7 +44,7 @@ def model_kwargs(params: dict) -> dict:
 
 
 class ConditionalUNet(ModelMixin, ConfigMixin):
-    """UNet2DModel whose time embedding gets + Linear(multi-hot labels).
+    """UNet2DModel conditioned on multi-hot labels in one of the CONDITIONING ways.
 
     forward(x (B, 3, R, R) in model space, t (B,) int, labels (B, 24) in {0, 1}) -> (B, 3, R, R).
     An all-zero label vector is the unconditional (dropped) condition.
@@ -51,16 +56,22 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                  up_block_types=PRESETS["cpu"]["up_block_types"], dropout: float = 0.0,
                  norm_num_groups: int = 32, conditioning: str = "embedding", num_labels: int = NUM_LABELS):
         super().__init__()
-        use_labels = conditioning == "embedding"
+        check_choice("model.conditioning", conditioning, CONDITIONING)
+        embed = conditioning in ("embedding", "scale_shift")
+        self.concat = conditioning == "concat"
         self.unet = UNet2DModel(
-            sample_size=resolution, in_channels=3, out_channels=3,
+            sample_size=resolution, in_channels=3 + (num_labels if self.concat else 0), out_channels=3,
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
             dropout=dropout, norm_num_groups=norm_num_groups,
-            class_embed_type="identity" if use_labels else None)
+            resnet_time_scale_shift="scale_shift" if conditioning == "scale_shift" else "default",
+            class_embed_type="identity" if embed else None)
         time_dim = block_out_channels[0] * 4  # UNet2DModel's time-embedding width
-        self.label_proj = nn.Linear(num_labels, time_dim) if use_labels else None
+        self.label_proj = nn.Linear(num_labels, time_dim) if embed else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cond = self.label_proj(labels.to(x.dtype)) if self.label_proj is not None else None
+        labels = labels.to(x.dtype)
+        if self.concat:
+            x = torch.cat([x, labels[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
+        cond = self.label_proj(labels) if self.label_proj is not None else None
         return self.unet(x, t, class_labels=cond).sample

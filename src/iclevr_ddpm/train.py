@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,11 +16,14 @@ from diffusers.training_utils import EMAModel
 from dvclive import Live
 from tqdm import tqdm
 
-from .config import PRECISIONS, check_choice, fingerprint, resolve_device, resolve_precision
+from . import labels as L
+from .config import PRECISIONS, check_choice, fingerprint, from_params, resolve_device, resolve_precision
 from .data import load_processed, resize, to_model_range
-from .diffusion import diffusion_loss, noise_scheduler
+from .diffusion import diffusion_loss, noise_scheduler, sampler_scheduler
+from .evaluator import accuracy, load_evaluator, predict
 from .io import atomic_dir, load_checkpoint, save_torch
 from .model import ConditionalUNet
+from .sampling import SampleConfig, generate
 
 LR_SCHEDULES = ("constant", "cosine", "cosine_warmup")
 
@@ -42,10 +45,19 @@ class TrainConfig:
     snr_gamma: float = 5.0         # min-SNR loss weighting; 0 turns it off
     checkpoint_every: int = 250
     log_every: int = 10
+    eval_every: int = 0            # steps between val_accuracy measurements (0 = never)
+    eval_images: int = 64          # the first eval_images conditions of val.json
+    eval_sample: dict = field(default_factory=dict)  # sampler settings (SampleConfig fields) for it
 
     def __post_init__(self):
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("train.mixed_precision", self.mixed_precision, PRECISIONS)
+        from_params(SampleConfig, self.eval_sample, "train.eval_sample")  # fail at start on a bad key
+
+
+# settings that change neither the trained weights nor their order of updates: a checkpoint
+# written under other values of these is resumed
+NOT_FINGERPRINTED = ("checkpoint_every", "log_every", "eval_every", "eval_images", "eval_sample")
 
 
 def _accelerator(cfg: TrainConfig) -> Accelerator:
@@ -71,11 +83,13 @@ class Run:
         self.lr_sched = _lr_scheduler(cfg, self.opt)
         self.gen = torch.Generator().manual_seed(cfg.seed + seed_offset)
         self.step = 0
+        self.train_seconds = 0.0  # optimisation time over all runs, evaluation excluded
 
     def state(self, fp: str) -> dict:
         return {"fingerprint": fp, "step": self.step, "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                "lr_scheduler": self.lr_sched.state_dict(), "rng": self.gen.get_state()}
+                "lr_scheduler": self.lr_sched.state_dict(), "rng": self.gen.get_state(),
+                "train_seconds": self.train_seconds}
 
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -84,6 +98,29 @@ class Run:
         self.lr_sched.load_state_dict(state["lr_scheduler"])
         self.gen.set_state(state["rng"])
         self.step = state["step"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+
+    def ema_model(self) -> ConditionalUNet:
+        """A new model holding the EMA weights, on the CPU, in eval mode."""
+        model = ConditionalUNet.from_config(self.model.config)
+        self.ema.copy_to(model.parameters())
+        return model.eval()
+
+
+class ValProbe:
+    """val_accuracy of a model: samples the first `cfg.eval_images` val conditions with
+    cfg.eval_sample's sampler and scores them with the evaluator (official metric)."""
+
+    def __init__(self, cfg: TrainConfig, noise, evaluator_path, val_conditions, device):
+        self.conditions = L.load_conditions(val_conditions)[:cfg.eval_images]
+        self.labels = L.multi_hot(self.conditions)
+        self.evaluator = load_evaluator(evaluator_path, device)
+        self.sample_cfg = from_params(SampleConfig, cfg.eval_sample, "train.eval_sample")
+        self.sampler = sampler_scheduler(self.sample_cfg.sampler, noise, self.sample_cfg.clip)
+
+    def __call__(self, model: ConditionalUNet) -> float:
+        images = generate(model, self.sampler, self.conditions, self.sample_cfg)
+        return accuracy(predict(self.evaluator, images), self.labels)
 
 
 def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, labels: torch.Tensor,
@@ -108,11 +145,22 @@ def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tenso
     return loss.item()
 
 
+def _log(live: Live | None, step: int, metrics: dict) -> None:
+    if live is None:
+        return
+    live.step = step
+    for name, value in metrics.items():
+        live.log_metric(name, value)
+    live.make_summary()
+
+
 def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, data_path,
-          out_dir, ckpt_dir, live_dir) -> dict:
+          out_dir, ckpt_dir, live_dir, evaluator=None, val_conditions=None) -> dict:
     """Train from the tensor file; write the EMA model to out_dir (save_pretrained).
 
-    Returns the final figures (steps, images seen, wall time, images/s, parameters).
+    Every cfg.eval_every steps (and at the end) the EMA model's val_accuracy is measured with
+    `evaluator` on `val_conditions` and logged with the training minutes so far.
+    Returns the final figures (steps, images seen, wall time, images/s, parameters, val_accuracy).
     """
     acc = _accelerator(cfg)
     set_seed(cfg.seed)  # same initial weights on every process and every run
@@ -121,46 +169,56 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     run = Run(cfg, model_kw, seed_offset=acc.process_index)
     x_all = resize(to_model_range(images), run.model.config.resolution)  # once, in memory
     ckpt = Path(ckpt_dir) / f"checkpoint-{acc.process_index}.pt"
-    run_settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "log_every")}
+    run_settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     fp = fingerprint(run_settings, model_kw, diffusion_kw, schedule, acc.num_processes, len(images))
     state = load_checkpoint(ckpt, fp)
     if resumed := state is not None:
         run.load(state)
         print(f"{ckpt}: resuming at step {run.step}")
+    probe = None
+    if cfg.eval_every and acc.is_main_process:
+        if evaluator is None or val_conditions is None:
+            raise ValueError("params.yaml: train.eval_every needs an evaluator and val conditions")
+        probe = ValProbe(cfg, noise, evaluator, val_conditions, acc.device)
     # The LR schedule is not prepared: accelerate would step it once per process, and every
     # process here runs all max_steps (each draws its own batches).
     model, opt = acc.prepare(run.model, run.opt)
     run.ema.to(acc.device)
     live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None) if acc.is_main_process else None
     n_params = sum(p.numel() for p in run.model.parameters())
-    t0, start, loss_avg = time.perf_counter(), run.step, math.nan
+    t0, start, loss_avg, val_acc, eval_seconds = time.perf_counter(), run.step, math.nan, None, 0.0
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not acc.is_main_process)
     while run.step < cfg.max_steps:
+        t_step = time.perf_counter()
         loss = train_step(acc, model, opt, run, noise, x_all, labels, cfg)
+        run.train_seconds += time.perf_counter() - t_step
         loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
-        rate = (run.step - start) * cfg.batch_size * acc.num_processes / (time.perf_counter() - t0)
+        rate = (run.step - start) * cfg.batch_size * acc.num_processes / (time.perf_counter() - t0 - eval_seconds)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{rate:.0f}", refresh=False)
-        if run.step % cfg.log_every == 0 and live is not None:
-            live.step = run.step
-            for name, value in {"loss": loss, "loss_smooth": loss_avg, "lr": run.lr_sched.get_last_lr()[0],
-                                "images_per_second": rate}.items():
-                live.log_metric(name, value)
-            live.make_summary()
+        if run.step % cfg.log_every == 0:
+            _log(live, run.step, {"loss": loss, "loss_smooth": loss_avg, "lr": run.lr_sched.get_last_lr()[0],
+                                  "images_per_second": rate})
+        if probe is not None and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
+            t_eval = time.perf_counter()
+            val_acc = probe(run.ema_model().to(acc.device))
+            eval_seconds += time.perf_counter() - t_eval
+            _log(live, run.step, {"val_accuracy": val_acc, "train_minutes": run.train_seconds / 60})
         if run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps:
             save_torch(run.state(fp), ckpt)
     bar.close()
     seconds = time.perf_counter() - t0
     if acc.is_main_process:
-        final = ConditionalUNet.from_config(run.model.config)
-        run.ema.copy_to(final.parameters())
         with atomic_dir(out_dir) as tmp:
-            final.save_pretrained(tmp)
+            run.ema_model().save_pretrained(tmp)
             noise.save_pretrained(Path(tmp) / "scheduler")  # sampling rebuilds the schedule from it
     if live is not None:
         live.end()
-    return {"steps": run.step, "steps_this_run": run.step - start,
+    steps_run = run.step - start
+    return {"steps": run.step, "steps_this_run": steps_run,
             "images_seen": run.step * cfg.batch_size * acc.num_processes,
-            "wall_seconds": round(seconds, 1),
-            "images_per_second": round((run.step - start) * cfg.batch_size * acc.num_processes / max(seconds, 1e-9), 1),
-            "parameters": n_params, "loss_smooth": round(loss_avg, 5)}
+            "wall_seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1),
+            "images_per_second": round(steps_run * cfg.batch_size * acc.num_processes
+                                       / max(seconds - eval_seconds, 1e-9), 1),
+            "parameters": n_params, "loss_smooth": round(loss_avg, 5),
+            **({"val_accuracy": round(val_acc, 4)} if val_acc is not None else {})}
