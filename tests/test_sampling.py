@@ -91,11 +91,29 @@ def test_sample_split_writes_pngs_grid_and_progression(toy_model, tmp_path):
     assert Image.open(tmp_path / "prog.png").size == (8 * 66 + 2, 66 + 2)  # 8 frames
 
 
+def test_guidance_interval_limits_guidance_to_its_noise_levels(toy_model):
+    model, train_sched, _ = toy_model
+    s = sampler_scheduler("ddim", train_sched)
+    y, gens = L.multi_hot([["red cube"], ["blue cube"]]), lambda: [torch.Generator().manual_seed(i) for i in range(2)]
+    plain, _ = denoise(model, s, y, gens(), 6, guidance=1.0)
+    guided, _ = denoise(model, s, y, gens(), 6, guidance=4.0)
+    assert not torch.allclose(plain, guided, atol=1e-3)
+    # trailing DDIM timesteps for 6 steps: 999, 832, 666, 499, 333, 166
+    none, _ = denoise(model, s, y, gens(), 6, guidance=4.0, interval=(0.9, 0.95))  # no step inside
+    assert torch.equal(none, plain)
+    every, _ = denoise(model, s, y, gens(), 6, guidance=4.0, interval=(0.0, 1.0))
+    assert torch.equal(every, guided)
+    part, _ = denoise(model, s, y, gens(), 6, guidance=4.0, interval=(0.3, 0.7))
+    assert not torch.allclose(part, plain, atol=1e-3) and not torch.allclose(part, guided, atol=1e-3)
+
+
 def test_sample_config_checks():
     with pytest.raises(ValueError, match="sample.frames 10 must be between 2 and sample.steps \\+ 1 = 6"):
         SampleConfig(steps=5, frames=10)
     with pytest.raises(ValueError, match="sample.sampler 'heun' unknown"):
         SampleConfig(sampler="heun")
+    with pytest.raises(ValueError, match=r"sample.guidance_interval \[0.8, 0.2\] must be \[lo, hi\]"):
+        SampleConfig(guidance_interval=[0.8, 0.2])
 
 
 def test_progression_rejects_unknown_object(toy_model, tmp_path):

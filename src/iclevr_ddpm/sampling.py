@@ -25,6 +25,7 @@ class SampleConfig:
     sampler: str = "dpmsolver++"   # ddpm | ddim | dpmsolver++ | unipc
     steps: int = 25
     guidance: float = 3.0         # classifier-free guidance scale; 1 = conditional only
+    guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # t/T where guidance applies
     seed: int = 0
     batch_size: int = 32
     clip: bool = True              # keep x0 estimates in [-1, 1]
@@ -35,6 +36,10 @@ class SampleConfig:
 
     def __post_init__(self):
         check_choice("sample.sampler", self.sampler, SAMPLERS)
+        lo, hi = self.guidance_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"params.yaml: sample.guidance_interval {self.guidance_interval} must be "
+                             f"[lo, hi] with 0 <= lo <= hi <= 1 (fractions of the training timesteps)")
         if not 2 <= self.frames <= self.steps + 1:
             raise ValueError(f"params.yaml: sample.frames {self.frames} must be between 2 and "
                              f"sample.steps + 1 = {self.steps + 1}")
@@ -51,10 +56,12 @@ def _guided(model, x, t, labels, guidance: float):
 
 @torch.no_grad()
 def denoise(model, scheduler, labels: torch.Tensor, generators: list[torch.Generator], steps: int,
-            guidance: float = 1.0, frames: int = 0):
+            guidance: float = 1.0, frames: int = 0, interval=(0.0, 1.0)):
     """Run the reverse process for one batch.
 
-    labels: (B, 24); generators: one per image (CPU). Returns the final x0 (B, 3, R, R)
+    labels: (B, 24); generators: one per image (CPU). Guidance applies only at timesteps t with
+    lo <= t / T <= hi, interval = (lo, hi) (Kynkaanniemi et al. 2024: guidance at every noise
+    level costs diversity and, at high noise, layout). Returns the final x0 (B, 3, R, R)
     in [-1, 1] and, if frames > 0, a list of `frames` intermediate x_t from noise to the end.
     """
     dev, res = labels.device, model.config.resolution
@@ -65,8 +72,10 @@ def denoise(model, scheduler, labels: torch.Tensor, generators: list[torch.Gener
     history = [x.clone()] if 0 in keep else []
     # stochastic samplers (DDPM) draw their step noise from the per-image generators too
     step_kw = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    lo, hi = (v * scheduler.config.num_train_timesteps for v in interval)
     for i, t in enumerate(scheduler.timesteps):
-        out = _guided(model, scheduler.scale_model_input(x, t), t.reshape(1).to(dev), labels, guidance)
+        w = guidance if lo <= t.item() <= hi else 1.0
+        out = _guided(model, scheduler.scale_model_input(x, t), t.reshape(1).to(dev), labels, w)
         x = scheduler.step(out, t, x, **step_kw).prev_sample
         if i + 1 in keep:
             history.append(x.clone())
@@ -85,7 +94,8 @@ def generate(model, scheduler, conditions: list[list[str]], cfg: SampleConfig) -
     for start in tqdm(range(0, len(conditions), cfg.batch_size), desc="sample", unit="batch"):
         gens = [torch.Generator().manual_seed(cfg.seed + i)
                 for i in range(start, min(start + cfg.batch_size, len(conditions)))]
-        x, _ = denoise(model, scheduler, labels[start:start + len(gens)], gens, cfg.steps, cfg.guidance)
+        x, _ = denoise(model, scheduler, labels[start:start + len(gens)], gens, cfg.steps, cfg.guidance,
+                       interval=cfg.guidance_interval)
         out.append(to_uint8(resize(x, cfg.out_size)).cpu())
     return torch.cat(out)
 
@@ -95,7 +105,7 @@ def progression(model, scheduler, names: list[str], cfg: SampleConfig) -> torch.
     L.check_names(names, "params.yaml", "sample.progression")
     dev = next(model.parameters()).device
     _, hist = denoise(model, scheduler, L.multi_hot([names]).to(dev), [torch.Generator().manual_seed(cfg.seed)],
-                      cfg.steps, cfg.guidance, frames=cfg.frames)
+                      cfg.steps, cfg.guidance, frames=cfg.frames, interval=cfg.guidance_interval)
     frames = to_uint8(resize(torch.cat(hist).clamp(-1, 1), cfg.out_size)).cpu()
     return make_grid(frames, nrow=len(frames), padding=2, pad_value=255)
 

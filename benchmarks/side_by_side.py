@@ -1,0 +1,103 @@
+"""Variants side by side (not a test): train each at once, each on its own share of the
+cores, then sample and score the whole val split. Equal wall time means equal CPU minutes,
+whatever this machine's speed is today.
+
+    python benchmarks/side_by_side.py OUT_DIR NAME=KEY=VALUE[,KEY=VALUE...] NAME=... [--threads=1]
+    python benchmarks/side_by_side.py --sample-only OUT_DIR NAME=KEY=VALUE... NAME=...
+    (either with --evaluator=PATH: another evaluator than models/evaluator.pth)
+
+e.g. python benchmarks/side_by_side.py /tmp/ab base= adagn=model.conditioning=scale_shift
+Each variant gets the project's params.yaml with its overrides (dotted keys, YAML values) in
+OUT_DIR/NAME/ and runs stages/train.py, sample.py and evaluate.py there on the project's
+data/processed and models/evaluator.pth. Prints one row per variant. --sample-only skips
+training: it samples val with the pipeline's models/ddpm, one variant after the other.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def variant_params(spec: str) -> tuple[str, dict]:
+    """'name=a.b=1,c=x' -> ('name', params.yaml with params['a']['b'] = 1, params['c'] = 'x')."""
+    name, _, overrides = spec.partition("=")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for item in filter(None, overrides.split(",")):
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = params
+        for p in parents:
+            node = node[p]
+        node[leaf] = yaml.safe_load(value)
+    return name, params
+
+
+def stage(name: str, *args) -> list[str]:
+    return [sys.executable, str(ROOT / "stages" / f"{name}.py"), *map(str, args)]
+
+
+VAL = ROOT / "data/processed/val.json"
+
+
+def score_val(d: Path, model: Path, ev: Path, env: dict) -> dict:
+    """Sample every val condition with d/params.yaml's sampler, score it; metrics + seconds."""
+    t0 = time.perf_counter()
+    subprocess.run(stage("sample", model, VAL, "val", "grid.png", "progression.png"), cwd=d, env=env, check=True,
+                   capture_output=True)
+    seconds = time.perf_counter() - t0
+    subprocess.run(stage("evaluate", ev, "val", VAL, "val.json", "val.csv"), cwd=d, env=env, check=True,
+                   capture_output=True)
+    return {**json.loads((d / "val.json").read_text()), "sample_seconds": round(seconds, 1)}
+
+
+def write_variants(out: Path, specs) -> list[str]:
+    names = []
+    for spec in specs:
+        name, params = variant_params(spec)
+        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / name / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        names.append(name)
+    return names
+
+
+def sample_only(out: str, *specs: str, ev: Path) -> None:
+    out, env = Path(out), dict(os.environ, TQDM_DISABLE="1")
+    print("| variant | val accuracy | sampling seconds |\n|---|---|---|")
+    for name in write_variants(out, specs):
+        v = score_val(out / name, ROOT / "models/ddpm", ev, env)
+        print(f"| {name} | {v['accuracy']} ({v['hits']}/{v['labels']}) | {v['sample_seconds']} |", flush=True)
+
+
+def side_by_side(out: str, *specs: str, ev: Path, threads: int = 1) -> None:
+    out, env = Path(out), dict(os.environ, TQDM_DISABLE="1")
+    runs = {}
+    for name in write_variants(out, specs):  # the cores shared out: `threads` each
+        cmd = stage("train", ROOT / "data/processed/iclevr.pt", "ddpm", "ckpt", "live", "train.json", ev, VAL)
+        runs[name] = subprocess.Popen(cmd, cwd=out / name, env=dict(env, OMP_NUM_THREADS=str(threads)),
+                                      stdout=open(out / name / "train.log", "w"), stderr=subprocess.STDOUT)
+    for name, proc in runs.items():
+        if proc.wait():
+            raise SystemExit(f"{out / name / 'train.log'}: training failed")
+    print("| variant | steps | train minutes | images/s | val_accuracy in training | val (all) |")
+    print("|---|---|---|---|---|---|")
+    for name in runs:  # one after the other, on all cores
+        d = out / name
+        v, t = score_val(d, d / "ddpm", ev, env), json.loads((d / "train.json").read_text())
+        print(f"| {name} | {t['steps']} | {(t['wall_seconds'] - t['eval_seconds']) / 60:.1f} | "
+              f"{t['images_per_second']} | {t.get('val_accuracy', '-')} | {v['accuracy']} ({v['hits']}/{v['labels']}) |")
+
+
+if __name__ == "__main__":
+    opts = dict(a[2:].partition("=")[::2] for a in sys.argv[1:] if a.startswith("--"))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    ev = Path(opts.get("evaluator") or ROOT / "models/evaluator.pth")
+    if "sample-only" in opts:
+        sample_only(*args, ev=ev)
+    else:
+        side_by_side(*args, ev=ev, threads=int(opts.get("threads") or 1))
