@@ -4,7 +4,8 @@ whatever this machine's speed is today.
 
     python benchmarks/side_by_side.py OUT_DIR NAME=KEY=VALUE[,KEY=VALUE...] NAME=... [--threads=1]
     python benchmarks/side_by_side.py --sample-only OUT_DIR NAME=KEY=VALUE... NAME=...
-    (either with --evaluator=PATH: another evaluator than models/evaluator.pth)
+    (--evaluator=PATH: another evaluator than models/evaluator.pth; --model=DIR: with
+    --sample-only, another model than models/ddpm)
 
 e.g. python benchmarks/side_by_side.py /tmp/ab base= adagn=model.conditioning=scale_shift
 Each variant gets the project's params.yaml with its overrides (dotted keys, YAML values) in
@@ -14,6 +15,7 @@ training: it samples val with the pipeline's models/ddpm, one variant after the 
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def variant_params(spec: str) -> tuple[str, dict]:
-    """'name=a.b=1,c=x' -> ('name', params.yaml with params['a']['b'] = 1, params['c'] = 'x')."""
+    """'name=a.b=1,c=x,d.e=[1, 2]' -> ('name', params.yaml with params['a']['b'] = 1, params['c'] = 'x',
+    params['d']['e'] = [1, 2])."""
     name, _, overrides = spec.partition("=")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for item in filter(None, overrides.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", overrides)):  # no split inside [a, b]
         key, value = item.split("=", 1)
         *parents, leaf = key.split(".")
         node = params
@@ -66,11 +69,11 @@ def write_variants(out: Path, specs) -> list[str]:
     return names
 
 
-def sample_only(out: str, *specs: str, ev: Path) -> None:
+def sample_only(out: str, *specs: str, ev: Path, model: Path) -> None:
     out, env = Path(out), dict(os.environ, TQDM_DISABLE="1")
     print("| variant | val accuracy | sampling seconds |\n|---|---|---|")
     for name in write_variants(out, specs):
-        v = score_val(out / name, ROOT / "models/ddpm", ev, env)
+        v = score_val(out / name, model, ev, env)
         print(f"| {name} | {v['accuracy']} ({v['hits']}/{v['labels']}) | {v['sample_seconds']} |", flush=True)
 
 
@@ -98,6 +101,6 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     ev = Path(opts.get("evaluator") or ROOT / "models/evaluator.pth")
     if "sample-only" in opts:
-        sample_only(*args, ev=ev)
+        sample_only(*args, ev=ev, model=Path(opts.get("model") or ROOT / "models/ddpm"))
     else:
         side_by_side(*args, ev=ev, threads=int(opts.get("threads") or 1))

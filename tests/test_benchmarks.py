@@ -1,0 +1,33 @@
+"""benchmarks/side_by_side.py: variant specs become the params.yaml each variant runs with."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sbs():
+    spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "benchmarks" / "side_by_side.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_overrides_dotted_keys_with_yaml_values(sbs):
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    name, params = sbs.variant_params("adagn=model.conditioning=scale_shift,train.max_steps=300,schedule=linear,"
+                                      "sample.guidance_interval=[0.2, 0.8]")
+    assert name == "adagn"
+    assert params["model"]["conditioning"] == "scale_shift" and params["train"]["max_steps"] == 300
+    assert params["schedule"] == "linear" and params["sample"]["guidance_interval"] == [0.2, 0.8]
+    assert params["train"]["lr"] == base["train"]["lr"]  # the rest as in params.yaml
+    assert sbs.variant_params("base=") == ("base", base)
+
+
+def test_written_variant_folders_hold_their_params(sbs, tmp_path):
+    assert sbs.write_variants(tmp_path, ["a=train.lr=0.002", "b="]) == ["a", "b"]
+    assert yaml.safe_load((tmp_path / "a" / "params.yaml").read_text())["train"]["lr"] == 0.002
+    assert (tmp_path / "b" / "params.yaml").exists()
