@@ -30,7 +30,7 @@ def toy_model(tmp_path_factory):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
     pair = L.multi_hot([["red cube"], ["blue cube"]])
-    for _ in range(500):
+    for _ in range(800):
         y = pair[torch.randint(2, (32,), generator=g)]
         x0 = toy_batch(y)
         y[torch.rand(32, generator=g) < 0.1] = 0
