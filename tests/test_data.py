@@ -85,6 +85,22 @@ def test_preprocess_real_rgba_320x240(tmp_path):
     assert y.argmax(1).tolist() == [1, 2, 3, 7]
 
 
+def test_course_archive_layout_with_iclevr_folder(tmp_path):
+    colors = _real_like(tmp_path / "real")
+    (tmp_path / "real" / "images").rename(tmp_path / "real" / "iclevr")
+    preprocess(tmp_path / "real", tmp_path / "out.pt", tmp_path, heldout_fraction=0.0)
+    x, _ = load_processed(tmp_path / "out.pt")
+    assert [img[:, 32, 32].tolist() for img in x] == [list(c) for c in colors]
+
+
+def test_no_images_folder_names_both_names(tmp_path):
+    _real_like(tmp_path / "real")
+    (tmp_path / "real" / "images").rename(tmp_path / "real" / "pictures")
+    with pytest.raises(DataError, match=r"no images folder: expected .*real/images or .*real/iclevr"):
+        preprocess(tmp_path / "real", tmp_path / "out.pt", tmp_path)
+    assert not (tmp_path / "out.pt").exists()
+
+
 def test_bad_images_listed_in_one_error(tmp_path):
     _real_like(tmp_path / "real")
     (tmp_path / "real" / "images" / "CLEVR_train_000001_0.png").write_bytes(b"\x89PNG not really")

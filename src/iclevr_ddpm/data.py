@@ -2,6 +2,7 @@
 
 Raw layout (the real data set's, and what `render` writes):
     <raw_dir>/objects.json, train.json, test.json, new_test.json, images/<file>.png
+    (or iclevr/<file>.png, as the course archive names the folder)
 Tensor file: {"images": uint8 (N, 3, 64, 64), "labels": float (N, 24) in {0, 1},
               "files": list[str], "heldout": bool (N,)}.
 Condition files written beside it: test.json, new_test.json (validated copies) and
@@ -55,6 +56,15 @@ def read_images(image_dir: Path, files: list[str], size: int = 64) -> torch.Tens
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
+def image_dir(raw: Path) -> Path:
+    """The images folder of a raw folder: `images/` (what render writes) or `iclevr/` (the
+    course archive's name for it)."""
+    for name in ("images", "iclevr"):
+        if (raw / name).is_dir():
+            return raw / name
+    raise DataError(f"{raw}: no images folder: expected {raw / 'images'} or {raw / 'iclevr'}")
+
+
 def heldout_mask(files: list[str], fraction: float, seed: int) -> torch.Tensor:
     """Seeded held-out split by scene (the `_k` images of one scene stay together)."""
     scenes = sorted({f.rsplit("_", 1)[0] for f in files})
@@ -99,7 +109,7 @@ def preprocess(raw_dir, out_file, conditions_dir, size: int = 64, heldout_fracti
     train = L.load_train_labels(raw / "train.json")
     conditions = {s: L.load_conditions(raw / f"{s}.json") for s in CONDITION_SPLITS}
     files = sorted(train)
-    images = read_images(raw / "images", files, size)
+    images = read_images(image_dir(raw), files, size)
     lab = L.multi_hot([train[f] for f in files])
     held = heldout_mask(files, heldout_fraction, seed)
     save_torch({"images": images, "labels": lab, "files": files, "heldout": held}, out_file)
