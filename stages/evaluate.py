@@ -3,8 +3,8 @@
 Usage: python stages/evaluate.py EVALUATOR_PTH IMAGE_DIR CONDITIONS_JSON METRICS_JSON TABLE_CSV
 Works on any folder of {i}.png images and conditions file.
 """
-import sys
 
+from iclevr_ddpm.errors import run_stage
 from iclevr_ddpm.evaluator import score_folder
 from iclevr_ddpm.io import atomic_path, load_params, save_json
 
@@ -19,4 +19,4 @@ def main(evaluator: str, image_dir: str, conditions: str, metrics: str, table: s
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

@@ -2,9 +2,9 @@
 
 Usage: python stages/preprocess.py RAW_DIR OUT_TENSOR_FILE CONDITIONS_DIR METRICS_JSON
 """
-import sys
 
 from iclevr_ddpm.data import preprocess
+from iclevr_ddpm.errors import run_stage
 from iclevr_ddpm.io import load_params, save_json
 
 
@@ -17,4 +17,4 @@ def main(raw_dir: str, out_file: str, conditions_dir: str, metrics: str) -> None
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

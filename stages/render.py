@@ -3,11 +3,11 @@
 Usage: python stages/render.py OUT_DIR
 When params data.raw_dir points elsewhere (the real data), nothing is rendered.
 """
-import sys
 from pathlib import Path
 
 import torch
 
+from iclevr_ddpm.errors import run_stage
 from iclevr_ddpm.io import load_params
 from iclevr_ddpm.render import write_dataset
 
@@ -27,4 +27,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

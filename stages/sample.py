@@ -3,10 +3,10 @@
 Usage: python stages/sample.py MODEL_DIR CONDITIONS_JSON OUT_DIR GRID_PNG PROGRESSION_PNG
 Works on any conditions file and output folder, outside the pipeline too.
 """
-import sys
 import time
 
 from iclevr_ddpm.config import from_params
+from iclevr_ddpm.errors import run_stage
 from iclevr_ddpm.io import load_params
 from iclevr_ddpm.sampling import SampleConfig, sample_split
 
@@ -20,4 +20,4 @@ def main(model_dir: str, conditions: str, out_dir: str, grid: str, progression: 
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

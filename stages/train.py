@@ -4,9 +4,9 @@ train.eval_every steps it measures val_accuracy (samples of val scored by the ev
 Usage: python stages/train.py TENSOR_FILE MODEL_DIR CHECKPOINT_DIR LIVE_DIR METRICS_JSON EVALUATOR_PTH VAL_JSON
 Multi-GPU: accelerate launch --multi_gpu stages/train.py ... (same arguments).
 """
-import sys
 
 from iclevr_ddpm.config import from_params
+from iclevr_ddpm.errors import run_stage
 from iclevr_ddpm.io import load_params, save_json
 from iclevr_ddpm.model import model_kwargs
 from iclevr_ddpm.train import TrainConfig, train
@@ -18,9 +18,10 @@ def main(data: str, model_dir: str, ckpt_dir: str, live_dir: str, metrics: str, 
     cfg = from_params(TrainConfig, params["train"], "train")
     result = train(cfg, model_kwargs(params["model"]), params["diffusion"], params["schedule"],
                    data, model_dir, ckpt_dir, live_dir, evaluator, val_conditions)
-    save_json(result, metrics)
-    print(result)
+    if result is not None:  # the main process (the others return None)
+        save_json(result, metrics)
+        print(result)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

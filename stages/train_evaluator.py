@@ -2,9 +2,9 @@
 
 Usage: python stages/train_evaluator.py TENSOR_FILE OUT_PTH CHECKPOINT LIVE_DIR METRICS_JSON
 """
-import sys
 
 from iclevr_ddpm.config import from_params
+from iclevr_ddpm.errors import run_stage
 from iclevr_ddpm.evaluator import EvaluatorConfig, train_evaluator
 from iclevr_ddpm.io import load_params, save_json
 
@@ -17,4 +17,4 @@ def main(data: str, out: str, ckpt: str, live_dir: str, metrics: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from iclevr_ddpm.config import resolve_precision
+from iclevr_ddpm.errors import UserError
 from iclevr_ddpm.evaluator import (EvaluatorConfig, accuracy, augment, build_evaluator, load_evaluator,
                                    save_evaluator, score_folder, topk_hits, train_evaluator)
 
@@ -90,8 +91,26 @@ def test_missing_sample_is_a_clear_error(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps([["red cube"], ["blue cube"]]))
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "imgs" / "0.png")
-    with pytest.raises(ValueError, match="1.png: missing"):
+    with pytest.raises(UserError, match=r"imgs: 1 PNG images, expected 2 named 0.png .. 1.png "
+                                         r"\(one per condition of .*c.json\)"):
         score_folder(tmp_path / "ev.pth", tmp_path / "imgs", tmp_path / "c.json", "cpu")
+    for i in (1, 2):  # one too many is as wrong as one too few
+        Image.new("RGB", (64, 64)).save(tmp_path / "imgs" / f"{i}.png")
+    with pytest.raises(UserError, match="imgs: 3 PNG images, expected 2"):
+        score_folder(tmp_path / "ev.pth", tmp_path / "imgs", tmp_path / "c.json", "cpu")
+    (tmp_path / "imgs" / "2.png").unlink()
+    assert score_folder(tmp_path / "ev.pth", tmp_path / "imgs", tmp_path / "c.json", "cpu")[0]["images"] == 2
+
+
+def test_bad_evaluator_files_are_user_errors(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty.pth: not a PyTorch checkpoint file \(EOFError"):
+        load_evaluator(tmp_path / "empty.pth")
+    with pytest.raises(UserError, match="nope.pth: file not found"):
+        load_evaluator(tmp_path / "nope.pth")
+    torch.save({"model": {"fc.weight": torch.zeros(3, 3)}}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="other.pth: not a ResNet18 evaluator checkpoint"):
+        load_evaluator(tmp_path / "other.pth")
 
 
 def test_train_evaluator_learns_and_adopts_official_checkpoint(tiny_processed, tmp_path):

@@ -6,43 +6,11 @@ import torch
 from PIL import Image
 
 from iclevr_ddpm import labels as L
-from iclevr_ddpm.diffusion import SAMPLERS, diffusion_loss, noise_scheduler, sampler_scheduler
-from iclevr_ddpm.model import ConditionalUNet, model_kwargs
-from iclevr_ddpm.sampling import SampleConfig, denoise, generate, sample_split
+from iclevr_ddpm.diffusion import SAMPLERS, denoise, sampler_scheduler
+from iclevr_ddpm.pipeline import IclevrPipeline
+from iclevr_ddpm.sampling import SampleConfig, generate, sample_split
 
-RED, BLUE = (0.8, -0.8, -0.8), (-0.8, -0.5, 0.8)
-
-
-def toy_batch(labels: torch.Tensor) -> torch.Tensor:
-    """16x16 mid-grey floor (0 in [-1, 1]) with an 8x8 centre square: red for 'red cube', else blue."""
-    x = torch.zeros(len(labels), 3, 16, 16)
-    red = labels[:, L.INDEX["red cube"]] > 0
-    for i, is_red in enumerate(red.tolist()):
-        x[i, :, 4:12, 4:12] = torch.tensor(RED if is_red else BLUE)[:, None, None]
-    return x
-
-
-@pytest.fixture(scope="module")
-def toy_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = ConditionalUNet(**model_kwargs({"preset": "tiny"}))
-    sched = noise_scheduler("cosine", prediction_type="v_prediction")
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    pair = L.multi_hot([["red cube"], ["blue cube"]])
-    for _ in range(800):
-        y = pair[torch.randint(2, (32,), generator=g)]
-        x0 = toy_batch(y)
-        y[torch.rand(32, generator=g) < 0.1] = 0
-        loss = diffusion_loss(model, sched, x0, y, snr_gamma=5.0, generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    out = tmp_path_factory.mktemp("toy_model")
-    model.save_pretrained(out)
-    sched.save_pretrained(out / "scheduler")
-    return model, sched, out
+from conftest import toy_batch  # noqa: E402  (tests/ is on sys.path: no __init__.py)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -66,15 +34,15 @@ def test_samples_match_the_data(toy_model, sampler):
 
 def test_same_seed_same_bytes_and_batch_size_invariant(toy_model):
     model, train_sched, _ = toy_model
-    s = sampler_scheduler("dpmsolver++", train_sched)
+    pipe = IclevrPipeline(unet=model, scheduler=sampler_scheduler("dpmsolver++", train_sched))
     conds = [["red cube"], ["blue cube"], ["red cube", "blue sphere"]]
     cfg = SampleConfig(steps=8, frames=8, guidance=2.0, batch_size=3, out_size=64)
-    a = generate(model, s, conds, cfg)
+    a = generate(pipe, conds, cfg)
     assert a.shape == (3, 3, 64, 64) and a.dtype == torch.uint8
-    assert torch.equal(a, generate(model, s, conds, cfg))
-    b = generate(model, s, conds, SampleConfig(steps=8, frames=8, guidance=2.0, batch_size=1, out_size=64))
+    assert torch.equal(a, generate(pipe, conds, cfg))
+    b = generate(pipe, conds, SampleConfig(steps=8, frames=8, guidance=2.0, batch_size=1, out_size=64))
     assert (a.int() - b.int()).abs().max() <= 1  # same noise per image; float sums may differ by 1 ulp
-    c = generate(model, s, conds, SampleConfig(steps=8, frames=8, guidance=2.0, batch_size=3, seed=1, out_size=64))
+    c = generate(pipe, conds, SampleConfig(steps=8, frames=8, guidance=2.0, batch_size=3, seed=1, out_size=64))
     assert not torch.equal(a, c)
 
 

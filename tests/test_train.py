@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import iclevr_ddpm.train as T
-from iclevr_ddpm.model import ConditionalUNet, model_kwargs
+from iclevr_ddpm.model import model_kwargs
+from iclevr_ddpm.pipeline import IclevrPipeline
 
 
 def _cfg(**kw):
@@ -18,13 +19,14 @@ def _run(tmp, data, cfg, name):
 
 
 def _weights(path):
-    return ConditionalUNet.from_pretrained(path).state_dict()
+    return IclevrPipeline.from_pretrained(path).unet.state_dict()
 
 
 def test_train_writes_model_metrics_and_dvclive(tiny_processed, tmp_path):
     data = tiny_processed[0] / "iclevr.pt"
     res = _run(tmp_path, data, _cfg(), "a")
     assert res["steps"] == 20 and res["images_seen"] == 160 and res["parameters"] > 1e5
+    assert json.loads((tmp_path / "a_model" / "model_index.json").read_text())["_class_name"] == "IclevrPipeline"
     assert (tmp_path / "a_model" / "scheduler" / "scheduler_config.json").exists()
     loss_rows = (tmp_path / "a_live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
     assert loss_rows[0].split("\t") == ["step", "loss"] and len(loss_rows) == 1 + 4
@@ -92,7 +94,7 @@ def test_val_accuracy_is_logged_during_training(tiny_processed, tmp_path):
     from iclevr_ddpm.diffusion import noise_scheduler
     probe = T.ValProbe(_cfg(**EVAL), noise_scheduler("cosine"), evaluator, val, "cpu")
     assert len(probe.conditions) == 4
-    again = probe(ConditionalUNet.from_pretrained(tmp_path / "m").eval())
+    again = probe(IclevrPipeline.from_pretrained(tmp_path / "m").unet)
     assert res["val_accuracy"] == round(logged[-1][1], 4) == round(again, 4)
     assert res["eval_seconds"] > 0
 

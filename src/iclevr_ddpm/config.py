@@ -6,13 +6,15 @@ import hashlib
 import json
 from typing import TypeVar
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 
 def check_choice(name: str, value, allowed) -> None:
     """Fail at start on an unknown param value, listing the allowed ones."""
     if value not in allowed:
-        raise ValueError(f"params.yaml: {name} {value!r} unknown; expected one of {list(allowed)}")
+        raise UserError(f"params.yaml: {name} {value!r} unknown; expected one of {list(allowed)}")
 
 
 def from_params(cls: type[T], params: dict | None, section: str) -> T:
@@ -21,7 +23,7 @@ def from_params(cls: type[T], params: dict | None, section: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - names)
     if unknown:
-        raise ValueError(f"params.yaml: {section}.{unknown[0]} is not a known key; "
+        raise UserError(f"params.yaml: {section}.{unknown[0]} is not a known key; "
                          f"expected some of {sorted(names)}")
     return cls(**params)
 

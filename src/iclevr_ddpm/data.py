@@ -21,12 +21,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import labels as L
+from .errors import UserError
 from .io import load_torch, save_json, save_torch
 
 CONDITION_SPLITS = ("test", "new_test")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The raw data folder is incomplete or holds unreadable images."""
 
 

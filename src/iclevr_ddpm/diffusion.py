@@ -1,6 +1,8 @@
-"""The noise process: training schedules, the diffusion loss and the samplers'
-schedulers, all diffusers objects configured from params."""
+"""The noise process: training schedules, the diffusion loss, the samplers' schedulers (all
+diffusers objects configured from params) and the reverse process with guidance."""
 from __future__ import annotations
+
+import inspect
 
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
@@ -67,3 +69,40 @@ def diffusion_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, labels: to
         # min(SNR, gamma) weighting expressed for the eps / v targets
         err = err * torch.clamp(s, max=snr_gamma) / (s + 1 if v_pred else s)
     return err.mean()
+
+
+def _guided(model, x, t, labels, guidance: float):
+    """Model output with classifier-free guidance: u + w (c - u) (Ho & Salimans 2022)."""
+    if guidance == 1.0:
+        return model(x, t.expand(len(x)), labels)
+    both = model(torch.cat([x, x]), t.expand(2 * len(x)), torch.cat([labels, torch.zeros_like(labels)]))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+@torch.no_grad()
+def denoise(model, scheduler, labels: torch.Tensor, generators: list[torch.Generator], steps: int,
+            guidance: float = 1.0, frames: int = 0, interval=(0.0, 1.0)):
+    """Run the reverse process for one batch.
+
+    labels: (B, 24); generators: one per image (CPU). Guidance applies only at timesteps t with
+    lo <= t / T <= hi, interval = (lo, hi) (Kynkaanniemi et al. 2024: guidance at every noise
+    level costs diversity and, at high noise, layout). Returns the final x0 (B, 3, R, R)
+    in [-1, 1] and, if frames > 0, a list of `frames` intermediate x_t from noise to the end.
+    """
+    dev, res = labels.device, model.config.resolution
+    x = torch.cat([torch.randn((1, 3, res, res), generator=g) for g in generators]).to(dev)
+    x = x * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps, device=dev)  # also resets multistep solver state
+    keep = set(torch.linspace(0, steps, frames).round().long().tolist()) if frames else set()
+    history = [x.clone()] if 0 in keep else []
+    # stochastic samplers (DDPM) draw their step noise from the per-image generators too
+    step_kw = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    lo, hi = (v * scheduler.config.num_train_timesteps for v in interval)
+    for i, t in enumerate(scheduler.timesteps):
+        w = guidance if lo <= t.item() <= hi else 1.0
+        out = _guided(model, scheduler.scale_model_input(x, t), t.reshape(1).to(dev), labels, w)
+        x = scheduler.step(out, t, x, **step_kw).prev_sample
+        if i + 1 in keep:
+            history.append(x.clone())
+    return x.clamp(-1, 1), history

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .config import check_choice, fingerprint, resolve_device, resolve_precision
 from .data import load_processed, resize, to_model_range, to_uint8
+from .errors import UserError
 from .io import load_checkpoint, load_torch, save_torch
 from .labels import NUM_LABELS
 
@@ -60,9 +61,13 @@ def load_evaluator(path, device: str = "cpu") -> nn.Module:
     """Load an official-format checkpoint {"model": state_dict} safely onto `device`."""
     state = load_torch(path)
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path}: expected an evaluator checkpoint {{'model': state_dict}}")
+        raise UserError(f"{path}: expected an evaluator checkpoint {{'model': state_dict}}")
     model = build_evaluator()
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:  # other keys or shapes
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path}: not a ResNet18 evaluator checkpoint ({first})") from None
     return model.to(device).eval()
 
 
@@ -219,10 +224,19 @@ def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_d
             "seconds_this_run": round(time.perf_counter() - t0, 1), **scores}
 
 
-def read_samples(image_dir, n: int) -> torch.Tensor:
-    """uint8 (n, 3, 64, 64) from image_dir/{i}.png, i = 0..n-1 (the condition file order)."""
+def read_samples(image_dir, n: int, conditions_file="the conditions") -> torch.Tensor:
+    """uint8 (n, 3, 64, 64) from image_dir/{i}.png, i = 0..n-1 (the condition file order).
+
+    The folder must hold exactly those n PNGs: one image per condition, none left over."""
     from .data import read_images
-    return read_images(Path(image_dir), [f"{i}.png" for i in range(n)], size=64)
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise UserError(f"{image_dir}: image folder not found")
+    found = sorted(p.name for p in image_dir.glob("*.png"))
+    if found != sorted(f"{i}.png" for i in range(n)):
+        raise UserError(f"{image_dir}: {len(found)} PNG images, expected {n} named 0.png .. {n - 1}.png "
+                        f"(one per condition of {conditions_file})")
+    return read_images(image_dir, [f"{i}.png" for i in range(n)], size=64)
 
 
 def score_folder(evaluator_path, image_dir, conditions_file, device: str = "auto"):
@@ -235,7 +249,7 @@ def score_folder(evaluator_path, image_dir, conditions_file, device: str = "auto
     from . import labels as L
     conditions = L.load_conditions(conditions_file)
     model = load_evaluator(evaluator_path, resolve_device(device))
-    images, wanted = read_samples(image_dir, len(conditions)), L.multi_hot(conditions)
+    images, wanted = read_samples(image_dir, len(conditions), conditions_file), L.multi_hot(conditions)
     probs = predict(model, images)
     hits = topk_hits(probs, wanted)
     k = wanted.sum(1).long()

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import torch
 import yaml
 
+from .errors import UserError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -43,7 +45,14 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
 
 def load_torch(path: str | os.PathLike) -> Any:
     """Load a tensor/checkpoint file safely (no pickled code) onto the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found" if not Path(path).exists() else f"{path}: not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for empty, truncated or foreign files
+        detail = " ".join(str(e).split())[:200]
+        detail = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+        raise UserError(f"{path}: not a PyTorch checkpoint file ({detail})") from e
 
 
 def load_checkpoint(path: str | os.PathLike, fp: str) -> dict | None:
@@ -66,8 +75,17 @@ def save_image(img, path: str | os.PathLike) -> None:
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
+    """The params file as a dict; run the stages from the project root, where it lives."""
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found (run from the project root)") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path}: expected a mapping of param sections, got {type(params).__name__}")
+    return params
 
 
 @contextmanager

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 SHAPES = ("cube", "sphere", "cylinder")
 COLORS = ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow")
 NAMES = tuple(f"{c} {s}" for s in SHAPES for c in COLORS)
@@ -21,7 +23,7 @@ NUM_LABELS = len(NAMES)
 MAX_OBJECTS = 3
 
 
-class LabelFileError(ValueError):
+class LabelFileError(UserError):
     """A label or condition file is malformed; the message names file, entry and value."""
 
 

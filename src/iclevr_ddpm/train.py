@@ -3,6 +3,7 @@ precision), diffusers EMA and LR schedules, dvclive logging, atomic checkpoints 
 exact resume after a kill."""
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from dvclive import Live
@@ -20,9 +21,11 @@ from . import labels as L
 from .config import PRECISIONS, check_choice, fingerprint, from_params, resolve_device, resolve_precision
 from .data import load_processed, resize, to_model_range
 from .diffusion import diffusion_loss, noise_scheduler, sampler_scheduler
+from .errors import UserError
 from .evaluator import accuracy, load_evaluator, predict
 from .io import atomic_dir, load_checkpoint, save_torch
 from .model import ConditionalUNet
+from .pipeline import IclevrPipeline
 from .sampling import SampleConfig, generate
 
 LR_SCHEDULES = ("constant", "cosine", "cosine_warmup")
@@ -85,18 +88,19 @@ class Run:
         self.step = 0
         self.train_seconds = 0.0  # optimisation time over all runs, evaluation excluded
 
-    def state(self, fp: str) -> dict:
+    def state(self, fp: str, rngs: list[torch.Tensor]) -> dict:
+        """rngs: every process's batch-generator state, by rank (the rest is the same on all)."""
         return {"fingerprint": fp, "step": self.step, "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                "lr_scheduler": self.lr_sched.state_dict(), "rng": self.gen.get_state(),
+                "lr_scheduler": self.lr_sched.state_dict(), "rng": rngs,
                 "train_seconds": self.train_seconds}
 
-    def load(self, state: dict) -> None:
+    def load(self, state: dict, rank: int = 0) -> None:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.lr_sched.load_state_dict(state["lr_scheduler"])
-        self.gen.set_state(state["rng"])
+        self.gen.set_state(state["rng"][rank])
         self.step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
 
@@ -119,7 +123,7 @@ class ValProbe:
         self.sampler = sampler_scheduler(self.sample_cfg.sampler, noise, self.sample_cfg.clip)
 
     def __call__(self, model: ConditionalUNet) -> float:
-        images = generate(model, self.sampler, self.conditions, self.sample_cfg)
+        images = generate(IclevrPipeline(unet=model, scheduler=self.sampler), self.conditions, self.sample_cfg)
         return accuracy(predict(self.evaluator, images), self.labels)
 
 
@@ -154,13 +158,28 @@ def _log(live: Live | None, step: int, metrics: dict) -> None:
     live.make_summary()
 
 
+def _check_in_sync(acc: Accelerator, model: torch.nn.Module) -> None:
+    """With several processes, each prints a digest of its weights and all must agree (DDP
+    averages the gradients, so processes that drew different batches still end the same)."""
+    if acc.num_processes == 1:
+        return
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    print(f"process {acc.process_index}/{acc.num_processes}: final weights sha256 {h.hexdigest()[:16]}", flush=True)
+    digests = gather_object([h.hexdigest()])
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"processes ended with different weights: {digests}")
+
+
 def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, data_path,
           out_dir, ckpt_dir, live_dir, evaluator=None, val_conditions=None) -> dict:
     """Train from the tensor file; write the EMA model to out_dir (save_pretrained).
 
     Every cfg.eval_every steps (and at the end) the EMA model's val_accuracy is measured with
     `evaluator` on `val_conditions` and logged with the training minutes so far.
-    Returns the final figures (steps, images seen, wall time, images/s, parameters, val_accuracy).
+    Returns the final figures (steps, images seen, wall time, images/s, parameters, val_accuracy)
+    on the main process, None on the others: only the main process writes.
     """
     acc = _accelerator(cfg)
     set_seed(cfg.seed)  # same initial weights on every process and every run
@@ -168,17 +187,18 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     images, labels = load_processed(data_path, "train")
     run = Run(cfg, model_kw, seed_offset=acc.process_index)
     x_all = resize(to_model_range(images), run.model.config.resolution)  # once, in memory
-    ckpt = Path(ckpt_dir) / f"checkpoint-{acc.process_index}.pt"
+    # one file for all processes, written by rank 0: a kill can never leave ranks at different steps
+    ckpt = Path(ckpt_dir) / "checkpoint.pt"
     run_settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     fp = fingerprint(run_settings, model_kw, diffusion_kw, schedule, acc.num_processes, len(images))
     state = load_checkpoint(ckpt, fp)
     if resumed := state is not None:
-        run.load(state)
-        print(f"{ckpt}: resuming at step {run.step}")
+        run.load(state, acc.process_index)
+        print(f"{ckpt}: resuming at step {run.step} (process {acc.process_index})")
     probe = None
     if cfg.eval_every and acc.is_main_process:
         if evaluator is None or val_conditions is None:
-            raise ValueError("params.yaml: train.eval_every needs an evaluator and val conditions")
+            raise UserError("params.yaml: train.eval_every needs an evaluator and val conditions")
         probe = ValProbe(cfg, noise, evaluator, val_conditions, acc.device)
     # The LR schedule is not prepared: accelerate would step it once per process, and every
     # process here runs all max_steps (each draws its own batches).
@@ -205,15 +225,20 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
             eval_seconds += time.perf_counter() - t_eval
             _log(live, run.step, {"val_accuracy": val_acc, "train_minutes": run.train_seconds / 60})
         if run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps:
-            save_torch(run.state(fp), ckpt)
+            rngs = gather_object([run.gen.get_state()])  # every rank's batch RNG, by rank
+            if acc.is_main_process:
+                save_torch(run.state(fp, rngs), ckpt)
     bar.close()
     seconds = time.perf_counter() - t0
-    if acc.is_main_process:
-        with atomic_dir(out_dir) as tmp:
-            run.ema_model().save_pretrained(tmp)
-            noise.save_pretrained(Path(tmp) / "scheduler")  # sampling rebuilds the schedule from it
-    if live is not None:
-        live.end()
+    _check_in_sync(acc, run.model)
+    if not acc.is_main_process:
+        return None
+    # the pipeline's scheduler: eval_sample's sampler on the training betas, from which
+    # any other sampler is rebuilt (sampler_scheduler)
+    sampler = sampler_scheduler(from_params(SampleConfig, cfg.eval_sample, "train.eval_sample").sampler, noise)
+    with atomic_dir(out_dir) as tmp:
+        IclevrPipeline(unet=run.ema_model(), scheduler=sampler).save_pretrained(tmp)
+    live.end()
     steps_run = run.step - start
     return {"steps": run.step, "steps_this_run": steps_run,
             "images_seen": run.step * cfg.batch_size * acc.num_processes,

@@ -1,0 +1,103 @@
+"""IclevrPipeline: the trained model as a diffusers DiffusionPipeline (the conditional UNet and
+a scheduler). `train` writes it with save_pretrained; from_pretrained loads it in one call,
+from local files only.
+
+    pipe = IclevrPipeline.from_pretrained("models/ddpm")
+    images = pipe([["red cube", "blue sphere"], ["gray cylinder"]], num_inference_steps=25,
+                  guidance_scale=3.0, generator=torch.Generator().manual_seed(0)).images  # PIL
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from PIL import Image
+
+from . import labels as L
+from .data import resize, to_uint8
+from .diffusion import denoise
+from .errors import UserError
+from .model import ConditionalUNet
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+class ModelFolderError(UserError):
+    """A model folder is missing or is not a saved IclevrPipeline."""
+
+
+class IclevrPipeline(DiffusionPipeline):
+    """Multi-label iCLEVR scenes from lists of object names ("red cube", ...; 1-3 per image).
+
+    The scheduler saved by `train` is DPM-Solver++ on the training betas (`trained_betas`), so
+    `AnyScheduler.from_config(pipe.scheduler.config)` keeps the model's noise schedule.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: ConditionalUNet, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> IclevrPipeline:
+        """Load a folder written by save_pretrained; never the Hub (a missing folder is an error
+        naming it, not a failed download)."""
+        path = Path(pretrained_model_name_or_path)
+        index = path / "model_index.json"
+        if not index.is_file():
+            what = "model folder not found" if not path.exists() else f"not a saved pipeline (no {index.name})"
+            raise ModelFolderError(f"{path}: {what}; expected the folder the train stage writes "
+                                   f"(models/ddpm: model_index.json, unet/, scheduler/)")
+        try:
+            if json.loads(index.read_text()).get("_class_name") != cls.__name__:
+                raise ValueError(f"{index.name} names another pipeline class")
+            return super().from_pretrained(path, local_files_only=True, **kwargs)
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise ModelFolderError(f"{path}: not a loadable {cls.__name__} ({' '.join(str(e).split())[:300]})") from e
+
+    @torch.no_grad()
+    def __call__(self, conditions: list[list[str]] | list[str], num_inference_steps: int = 25,
+                 guidance_scale: float = 3.0, guidance_interval=(0.0, 1.0),
+                 generator: torch.Generator | list[torch.Generator] | None = None, image_size: int | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Draw one image per condition (a list of object names, or a list of such lists).
+
+        generator: one CPU generator, or one per image (then batching never changes an image).
+        guidance_scale: classifier-free guidance w (1 = none), applied where lo <= t/T <= hi for
+        guidance_interval (lo, hi). image_size: output side (default the model's resolution).
+        Returns ImagePipelineOutput(images): pil a list of RGB images; np float32 (N, H, W, 3)
+        and pt float (N, 3, H, W), both in [0, 1] and equal to the 8-bit images / 255.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"output_type: {output_type!r} unknown; expected one of {list(OUTPUT_TYPES)}")
+        conditions = [conditions] if conditions and isinstance(conditions[0], str) else conditions
+        for i, names in enumerate(conditions):
+            L.check_names(names, "conditions", i)
+        gens = self._generators(generator, len(conditions))
+        labels = L.multi_hot(conditions).to(self.device)
+        x, _ = denoise(self.unet, self.scheduler, labels, gens, num_inference_steps, guidance_scale,
+                       interval=guidance_interval)
+        u8 = to_uint8(resize(x, image_size or self.unet.config.resolution)).cpu()
+        if output_type == "pt":
+            images = u8.float() / 255
+        elif output_type == "np":
+            images = u8.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255
+        else:
+            images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in u8]
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    @staticmethod
+    def _generators(generator, n: int) -> list[torch.Generator]:
+        if isinstance(generator, list):
+            if len(generator) != n:
+                raise UserError(f"generator: {len(generator)} generators for {n} conditions; "
+                                f"expected one, or one per condition")
+            return generator
+        if generator is None:  # drawn from torch's global RNG, so torch.manual_seed governs it
+            generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        return [generator] * n  # one stream, drawn image after image
