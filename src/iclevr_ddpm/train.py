@@ -158,6 +158,14 @@ def _log(live: Live | None, step: int, metrics: dict) -> None:
     live.make_summary()
 
 
+def save_pipeline(model: ConditionalUNet, noise, cfg: TrainConfig, out_dir) -> None:
+    """Write out_dir as an IclevrPipeline; its scheduler is eval_sample's sampler on the training
+    betas, from which sampling rebuilds any other sampler (sampler_scheduler)."""
+    sampler = sampler_scheduler(from_params(SampleConfig, cfg.eval_sample, "train.eval_sample").sampler, noise)
+    with atomic_dir(out_dir) as tmp:
+        IclevrPipeline(unet=model, scheduler=sampler).save_pretrained(tmp)
+
+
 def _check_in_sync(acc: Accelerator, model: torch.nn.Module) -> None:
     """With several processes, each prints a digest of its weights and all must agree (DDP
     averages the gradients, so processes that drew different batches still end the same)."""
@@ -233,11 +241,7 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     _check_in_sync(acc, run.model)
     if not acc.is_main_process:
         return None
-    # the pipeline's scheduler: eval_sample's sampler on the training betas, from which
-    # any other sampler is rebuilt (sampler_scheduler)
-    sampler = sampler_scheduler(from_params(SampleConfig, cfg.eval_sample, "train.eval_sample").sampler, noise)
-    with atomic_dir(out_dir) as tmp:
-        IclevrPipeline(unet=run.ema_model(), scheduler=sampler).save_pretrained(tmp)
+    save_pipeline(run.ema_model(), noise, cfg, out_dir)
     live.end()
     steps_run = run.step - start
     return {"steps": run.step, "steps_this_run": steps_run,
