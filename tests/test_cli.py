@@ -90,6 +90,9 @@ def test_bad_param_value(toy_model, files, tmp_path):
     assert err.startswith("error: iclevr-ddpm sample: argument --sampler: invalid choice: 'euler'")
     err = one_error(run("sample", toy_model[2], files / "conds.json", "--out", tmp_path / "o", "--steps", "0"))
     assert err == "error: iclevr-ddpm sample: argument --steps: '0' is not a positive integer"
+    err = one_error(run("sample", toy_model[2], files / "conds.json", "--out", tmp_path / "o",
+                        "--guidance-interval", "0.8", "0.2"))
+    assert err == "error: --guidance-interval: 0.8 0.2: expected 0 <= LO <= HI <= 1"
     # the same mistake in params.yaml, through the sample stage
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     text = (tmp_path / "params.yaml").read_text().replace("sampler: dpmsolver++     #", "sampler: euler     #")

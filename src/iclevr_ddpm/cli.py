@@ -13,6 +13,7 @@ import time
 
 from .errors import TRACEBACK_ENV, UserError, guarded
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage + message
         raise UserError(f"{self.prog}: {message}")
@@ -23,6 +24,9 @@ def _sample(args) -> None:
     from .sampling import SampleConfig, load_pipeline, sample_conditions
     if (args.conditions is None) == (not args.labels):
         raise UserError(f"{args.prog}: give a conditions file or --labels (not both)")
+    lo, hi = args.guidance_interval  # checked here to name the flag (SampleConfig names the param)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise UserError(f"--guidance-interval: {lo} {hi}: expected 0 <= LO <= HI <= 1")
     if args.labels:
         conditions = [L.check_names([n.strip() for n in s.split(",")], "--labels", i) for i, s in enumerate(args.labels)]
     else:
@@ -104,8 +108,5 @@ def main(argv: list[str] | None = None) -> int:
 
     def run():
         args = build_parser().parse_args(argv)
-        lo, hi = getattr(args, "guidance_interval", (0.0, 1.0))
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise UserError(f"--guidance-interval: {lo} {hi}: expected 0 <= LO <= HI <= 1")
         args.run(args)
     return guarded(run, traceback=traceback)

@@ -142,6 +142,11 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """uint8 (3, H, W) -> an RGB PIL image."""
+    return Image.fromarray(img.permute(1, 2, 0).numpy())
+
+
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Resize float images (B, 3, H, W) in [-1, 1]: area when shrinking, bicubic when enlarging."""
     if x.shape[-1] == size:

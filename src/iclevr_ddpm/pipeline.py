@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
-from PIL import Image
 
 from . import labels as L
-from .data import resize, to_uint8
+from .data import resize, to_pil, to_uint8
 from .diffusion import denoise
 from .errors import UserError
 from .model import ConditionalUNet
@@ -88,7 +87,7 @@ class IclevrPipeline(DiffusionPipeline):
         elif output_type == "np":
             images = u8.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255
         else:
-            images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in u8]
+            images = [to_pil(img) for img in u8]
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     @staticmethod

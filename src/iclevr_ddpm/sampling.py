@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import labels as L
 from .config import check_choice, resolve_device
-from .data import resize, to_uint8
+from .data import resize, to_pil, to_uint8
 from .diffusion import SAMPLERS, denoise, sampler_scheduler
 from .errors import UserError
 from .io import atomic_dir, save_image
@@ -73,11 +73,6 @@ def progression(pipe: IclevrPipeline, names: list[str], cfg: SampleConfig) -> to
                       cfg.steps, cfg.guidance, frames=cfg.frames, interval=cfg.guidance_interval)
     frames = to_uint8(resize(torch.cat(hist).clamp(-1, 1), cfg.out_size)).cpu()
     return make_grid(frames, nrow=len(frames), padding=2, pad_value=255)
-
-
-def to_pil(img: torch.Tensor):
-    from PIL import Image
-    return Image.fromarray(img.permute(1, 2, 0).numpy())
 
 
 def sample_conditions(pipe: IclevrPipeline, conditions: list[list[str]], out_dir, cfg: SampleConfig,
