@@ -4,8 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
+from iclevr_ddpm import evaluator as ev
 from iclevr_ddpm.config import resolve_precision
 from iclevr_ddpm.errors import UserError
+from iclevr_ddpm.labels import NUM_LABELS
 from iclevr_ddpm.evaluator import (EvaluatorConfig, accuracy, augment, build_evaluator, load_evaluator,
                                    save_evaluator, score_folder, topk_hits, train_evaluator)
 
@@ -86,6 +88,20 @@ def test_precision_choices():
         EvaluatorConfig(mixed_precision="fp8")
 
 
+def test_auto_precision_is_the_faster_one_measured(monkeypatch):
+    model = build_evaluator()
+    x, y = torch.zeros(2, 3, 64, 64), torch.zeros(2, NUM_LABELS)
+    for bf16_seconds, want in ((0.5, True), (2.0, False)):
+        monkeypatch.setattr(ev, "_seconds_per_step", lambda m, x, y, bf16, steps, s=bf16_seconds: s if bf16 else 1.0)
+        assert ev.measure_precision(model, x, y) == (want, {"fp32": 1.0, "bf16": bf16_seconds})
+    monkeypatch.undo()
+    # the real timing: one untimed and one timed step of each, on a copy (model unchanged)
+    before = [p.clone() for p in model.parameters()]
+    _, timing = ev.measure_precision(model, x, y, steps=1)
+    assert set(timing) == {"fp32", "bf16"} and all(t > 0 for t in timing.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_missing_sample_is_a_clear_error(tmp_path):
     save_evaluator(build_evaluator(), tmp_path / "ev.pth")
     (tmp_path / "c.json").write_text(json.dumps([["red cube"], ["blue cube"]]))
@@ -113,12 +129,16 @@ def test_bad_evaluator_files_are_user_errors(tmp_path):
         load_evaluator(tmp_path / "other.pth")
 
 
-def test_train_evaluator_learns_and_adopts_official_checkpoint(tiny_processed, tmp_path):
+def test_train_evaluator_learns_and_adopts_official_checkpoint(tiny_processed, tmp_path, monkeypatch):
     data = tiny_processed[0] / "iclevr.pt"
     cfg = EvaluatorConfig(epochs=2, batch_size=16, device="cpu")
+    # a CPU with native bf16 on which fp32 measures faster (as on some machines here): fp32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(ev, "measure_precision", lambda *a: (False, {"fp32": 1.0, "bf16": 1.1}))
     res = train_evaluator(cfg, data, tmp_path / "ev.pth", tmp_path / "ck.pt", tmp_path / "live")
     assert res["epochs"] == 2 and 0 <= res["heldout_accuracy"] <= 1
-    assert res["precision"] == ("bf16" if resolve_precision("auto", "cpu", cpu_bf16=True) == "bf16" else "fp32")
+    assert res["precision"] == "fp32"
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["bf16"] is False  # kept on resume
     # trained channels_last, saved as plain tensors that a stock resnet18 loads
     state = torch.load(tmp_path / "ev.pth", weights_only=True)["model"]
     assert all(v.is_contiguous() for v in state.values())

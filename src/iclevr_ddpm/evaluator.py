@@ -34,7 +34,7 @@ class EvaluatorConfig:
     checkpoint: str | None = None  # path to the official checkpoint.pth: used instead of training
     device: str = "auto"
     seed: int = 0
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 128
     lr: float = 2e-3              # peak of a warm-up + cosine schedule
     weight_decay: float = 0.05     # decoupled (AdamW)
@@ -44,7 +44,9 @@ class EvaluatorConfig:
     max_shift: float = 0.06       # random translation, fraction of the image
     hflip: bool = False           # mirror images at random (also mirrors the scene's lighting)
     threads: int = 0              # torch CPU threads; 0 = torch's default
-    mixed_precision: str = "auto"  # auto (bf16 where the CPU or GPU has it natively) | no | bf16
+    # auto: bf16 on GPUs that have it; on a CPU with native bf16, whichever of bf16 and fp32
+    # trains faster, timed at the start (measure_precision) | no | bf16
+    mixed_precision: str = "auto"
 
     def __post_init__(self):
         check_choice("evaluator.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
@@ -146,7 +148,7 @@ def _epoch(model, opt, sched, ema, x_all, y_all, cfg, gen, dev, bf16: bool) -> f
     total, n_batches = 0.0, math.ceil(len(order) / cfg.batch_size)
     for i in tqdm(range(n_batches), desc="evaluator", unit="batch", leave=False):
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        # channels_last + bf16 autocast: 1.8x faster on this CPU (oneDNN), same on GPUs
+        # channels_last: +6% in fp32 on the CPU and what bf16's oneDNN kernels need
         x = augment(to_model_range(x_all[idx]), cfg, gen).to(dev, memory_format=torch.channels_last)
         loss = bce_loss(model, x, y_all[idx].to(dev), bf16)
         opt.zero_grad(set_to_none=True)
@@ -157,6 +159,39 @@ def _epoch(model, opt, sched, ema, x_all, y_all, cfg, gen, dev, bf16: bool) -> f
             ema.step(model.parameters())
         total += loss.item()
     return total / n_batches
+
+
+def _seconds_per_step(model, x, y, bf16: bool, steps: int) -> float:
+    """Seconds per training step of a throwaway copy of `model` on the batch x (B, 3, 64, 64)
+    in [-1, 1], y (B, 24); the first step (oneDNN's kernel choice) is not timed."""
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        bce_loss(model, x, y, bf16).backward()
+        opt.step()
+    return (time.perf_counter() - t0) / steps
+
+
+def measure_precision(model, x, y, steps: int = 3) -> tuple[bool, dict]:
+    """(use bf16, seconds per step of each): bf16 autocast only where it measures faster.
+
+    A CPU that reports native bf16 is not always faster with it: the evaluator ran 1.8x faster
+    in bf16 on one machine here and 13% slower on another (docs/image-quality.md)."""
+    timing = {name: _seconds_per_step(model, x, y, bf16, steps) for name, bf16 in (("fp32", False), ("bf16", True))}
+    return timing["bf16"] < timing["fp32"], {k: round(v, 3) for k, v in timing.items()}
+
+
+def _pick_bf16(cfg: EvaluatorConfig, dev: str, model, x_tr, y_tr) -> bool:
+    """The precision to train in: as set, or for 'auto' on a bf16-capable CPU as measured."""
+    bf16 = resolve_precision(cfg.mixed_precision, dev, cpu_bf16=True) == "bf16"
+    if bf16 and cfg.mixed_precision == "auto" and dev == "cpu":
+        x = to_model_range(x_tr[:cfg.batch_size]).to(memory_format=torch.channels_last)
+        bf16, timing = measure_precision(model, x, y_tr[:cfg.batch_size])
+        print(f"evaluator precision: {'bf16' if bf16 else 'fp32'} (seconds per step {timing})")
+    return bf16
 
 
 def _averaged(model: nn.Module, ema: EMAModel | None) -> nn.Module:
@@ -183,8 +218,8 @@ def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_d
         torch.set_num_threads(cfg.threads)
     dev, t0 = resolve_device(cfg.device), time.perf_counter()
     torch.manual_seed(cfg.seed)
-    bf16 = resolve_precision(cfg.mixed_precision, dev, cpu_bf16=True) == "bf16"
     model = build_evaluator().to(dev, memory_format=torch.channels_last)
+    bf16 = None  # chosen after a resume check: a resumed run keeps the precision it began in
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(x_tr) / cfg.batch_size)
     # linear warm-up for 10% of the steps, then cosine decay to zero
@@ -196,10 +231,12 @@ def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_d
     if (state := load_checkpoint(ckpt, fp)) is not None:
         model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"]), gen.set_state(state["rng"])
-        epoch = state["epoch"]
+        epoch, bf16 = state["epoch"], state.get("bf16")
         if ema is not None:
             ema.load_state_dict(state["ema"])
         print(f"{ckpt}: resuming after epoch {epoch}")
+    if bf16 is None:
+        bf16 = _pick_bf16(cfg, dev, model, x_tr, y_tr)
     live = Live(str(live_dir), resume=epoch > 0, save_dvc_exp=False, dvcyaml=None)
     scores = {}
     while epoch < cfg.epochs:
@@ -212,7 +249,7 @@ def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_d
         print(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, held-out accuracy "
               f"{scores['heldout_accuracy']:.4f} (low-res {scores['heldout_accuracy_lowres']:.4f})")
         save_torch({"fingerprint": fp, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": gen.get_state(),
+                    "scheduler": sched.state_dict(), "rng": gen.get_state(), "bf16": bf16,
                     "ema": ema.state_dict() if ema is not None else None}, ckpt)
     live.end()
     model = _averaged(model, ema)
