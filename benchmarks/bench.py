@@ -2,7 +2,9 @@
 
     python benchmarks/bench.py [TENSOR_FILE RAW_DIR]
 
-1. Training images/s of the DDPM: the `cpu` preset in fp32, channels_last, bf16 autocast and\n   torch.compile; the `report` preset.
+1. Training images/s of the DDPM: the `cpu` preset in fp32, channels_last, bf16 autocast and
+   torch.compile; `cpu_latent` on 16x16x4 latents; the `report` preset; the autoencoder of
+   latent diffusion (params.yaml's `autoencoder` config).
 2. Training images/s of the ResNet18 evaluator: fp32, channels_last, and with bf16 autocast.
 3. Loading the preprocessed tensor file vs decoding PNGs with PIL per item.
 """
@@ -11,6 +13,7 @@ import time
 
 import torch
 
+from iclevr_ddpm.autoencoder import AutoencoderConfig, build_autoencoder, reconstruction_loss
 from iclevr_ddpm.data import load_image, to_model_range
 from iclevr_ddpm.io import load_torch
 from iclevr_ddpm.diffusion import diffusion_loss, noise_scheduler
@@ -33,23 +36,36 @@ def _steps_rate(loss_fn, model, lr: float, batch: int, steps: int, warmup: int) 
 
 
 def train_rate(preset: str, batch: int, steps: int, channels_last: bool = False, bf16: bool = False,
-               compiled: bool = False, conditioning: str = "scale_shift") -> float:
+               compiled: bool = False, conditioning: str = "scale_shift", in_channels: int = 3) -> float:
     """DDPM training images/s; optionally channels_last, bf16 autocast, torch.compile (its
     compilation is in the untimed warm-up steps)."""
-    model = ConditionalUNet(**model_kwargs({"preset": preset, "conditioning": conditioning}))
+    model = ConditionalUNet(**model_kwargs({"preset": preset, "conditioning": conditioning,
+                                            "in_channels": in_channels}))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     net = torch.compile(model) if compiled else model
     res, sched = model.config.resolution, noise_scheduler("cosine")
-    x, y = (torch.rand(batch, 3, res, res) * 2 - 1).contiguous(memory_format=fmt), torch.zeros(batch, NUM_LABELS)
+    x, y = (torch.rand(batch, in_channels, res, res) * 2 - 1).contiguous(memory_format=fmt), torch.zeros(batch, NUM_LABELS)
 
     def loss():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return diffusion_loss(net, sched, x, y)
     rate = _steps_rate(loss, model, 1e-4, batch, steps, warmup=3 if compiled else 1)
     n = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"train {preset:7s} {n:6.1f}M params {res}x{res} batch {batch} channels_last={channels_last!s:5} "
+    print(f"train {preset:10s} {n:6.1f}M params {res}x{res}x{in_channels} batch {batch} channels_last={channels_last!s:5} "
           f"bf16={bf16!s:5} compile={compiled!s:5}: {rate:7.1f} images/s")
+    return rate
+
+
+def autoencoder_rate(batch: int = 32, steps: int = 10) -> float:
+    """Training images/s of the autoencoder in params.yaml's default config (64x64 images)."""
+    cfg = AutoencoderConfig()
+    ae = build_autoencoder(cfg)
+    x = torch.rand(batch, 3, 64, 64) * 2 - 1
+    rate = _steps_rate(lambda: reconstruction_loss(ae, x, cfg.object_weight), ae, 1e-3, batch, steps, warmup=1)
+    n = sum(p.numel() for p in ae.parameters()) / 1e6
+    print(f"autoencoder {n:.2f}M params channels {cfg.channels} blocks {cfg.blocks} "
+          f"latent {cfg.latent_channels}: {rate:6.1f} images/s")
     return rate
 
 
@@ -86,6 +102,8 @@ if __name__ == "__main__":
     for cl, bf16, compiled in ((False, False, False), (True, False, False), (False, True, False),
                                (False, False, True)):
         train_rate("cpu", 32, 25, cl, bf16, compiled)
+    train_rate("cpu_latent", 32, 25, in_channels=4)
+    autoencoder_rate()
     train_rate("report", 4, 3)
     for fmt, bf16 in ((False, False), (True, False), (True, True)):
         evaluator_rate(fmt, bf16)

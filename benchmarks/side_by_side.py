@@ -5,7 +5,8 @@ whatever this machine's speed is today.
     python benchmarks/side_by_side.py OUT_DIR NAME=KEY=VALUE[,KEY=VALUE...] NAME=... [--threads=1]
     python benchmarks/side_by_side.py --sample-only OUT_DIR NAME=KEY=VALUE... NAME=...
     (--evaluator=PATH: another evaluator than models/evaluator.pth; --model=DIR: with
-    --sample-only, another model than models/ddpm)
+    --sample-only, another model than models/ddpm; --autoencoder=DIR: the autoencoder of
+    variants with model.space=latent, default models/autoencoder)
 
 e.g. python benchmarks/side_by_side.py /tmp/ab base= adagn=model.conditioning=scale_shift
 Each variant gets the project's params.yaml with its overrides (dotted keys, YAML values) in
@@ -77,11 +78,11 @@ def sample_only(out: str, *specs: str, ev: Path, model: Path) -> None:
         print(f"| {name} | {v['accuracy']} ({v['hits']}/{v['labels']}) | {v['sample_seconds']} |", flush=True)
 
 
-def side_by_side(out: str, *specs: str, ev: Path, threads: int = 1) -> None:
+def side_by_side(out: str, *specs: str, ev: Path, ae: Path, threads: int = 1) -> None:
     out, env = Path(out), dict(os.environ, TQDM_DISABLE="1")
     runs = {}
     for name in write_variants(out, specs):  # the cores shared out: `threads` each
-        cmd = stage("train", ROOT / "data/processed/iclevr.pt", "ddpm", "ckpt", "live", "train.json", ev, VAL)
+        cmd = stage("train", ROOT / "data/processed/iclevr.pt", "ddpm", "ckpt", "live", "train.json", ev, VAL, ae)
         runs[name] = subprocess.Popen(cmd, cwd=out / name, env=dict(env, OMP_NUM_THREADS=str(threads)),
                                       stdout=open(out / name / "train.log", "w"), stderr=subprocess.STDOUT)
     for name, proc in runs.items():
@@ -103,4 +104,5 @@ if __name__ == "__main__":
     if "sample-only" in opts:
         sample_only(*args, ev=ev, model=Path(opts.get("model") or ROOT / "models/ddpm"))
     else:
-        side_by_side(*args, ev=ev, threads=int(opts.get("threads") or 1))
+        side_by_side(*args, ev=ev, ae=Path(opts.get("autoencoder") or ROOT / "models/autoencoder"),
+                     threads=int(opts.get("threads") or 1))

@@ -33,7 +33,7 @@ def launch(cwd: Path, data: Path) -> subprocess.Popen:
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(ROOT / "stages" / "train.py"), str(data / "iclevr.pt"), "m", "ck", "live", "train.json",
-           "unused.pth", str(data / "val.json")]
+           "unused.pth", str(data / "val.json"), "unused_autoencoder"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -19,6 +19,7 @@ TINY = {
               "eval_images": 4, "eval_sample": {"steps": 4, "frames": 2, "batch_size": 4}},
     "sample": {"steps": 8, "frames": 8, "batch_size": 16},
     "evaluator": {"epochs": 1, "batch_size": 32},
+    "autoencoder": {"channels": 8, "steps": 6, "batch_size": 8, "gate_images": 8, "min_accuracy": 0.0},
 }
 
 
@@ -67,6 +68,7 @@ def test_repro_then_experiment_with_linear_schedule(repo):
     assert val["images"] == 18 and 0 <= val["accuracy"] <= 1
     assert 0 <= json.loads((repo / "metrics" / "train.json").read_text())["val_accuracy"] <= 1
     assert (repo / "dvclive" / "train" / "plots" / "metrics" / "val_accuracy.tsv").exists()
+    assert json.loads((repo / "metrics" / "autoencoder.json").read_text()) == {"trained": False}  # pixel space
     assert "up to date" in run(["dvc", "status"], repo)
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "base"]):
         subprocess.run(cmd, cwd=repo, check=True)
@@ -79,3 +81,11 @@ def test_repro_then_experiment_with_linear_schedule(repo):
     assert "metrics/test.json" in diff and "metrics/new_test.json" in diff and "accuracy" in diff
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
     assert "schedule" in show and "metrics/test.json:accuracy" in show
+
+    out = run(["dvc", "exp", "run", "-S", "model.space=latent"], repo)  # latent diffusion
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert {"train_autoencoder", "train", "evaluate@test"} <= ran
+    ae = json.loads((repo / "metrics" / "autoencoder.json").read_text())
+    assert ae["trained"] and ae["latent_shape"] == [4, 16, 16]
+    assert (repo / "models" / "ddpm" / "vae" / "config.json").exists()
+    assert json.loads((repo / "metrics" / "test.json").read_text())["images"] == 32

@@ -82,16 +82,17 @@ def _guided(model, x, t, labels, guidance: float):
 
 @torch.no_grad()
 def denoise(model, scheduler, labels: torch.Tensor, generators: list[torch.Generator], steps: int,
-            guidance: float = 1.0, frames: int = 0, interval=(0.0, 1.0)):
+            guidance: float = 1.0, frames: int = 0, interval=(0.0, 1.0), clamp: bool = True):
     """Run the reverse process for one batch.
 
     labels: (B, 24); generators: one per image (CPU). Guidance applies only at timesteps t with
     lo <= t / T <= hi, interval = (lo, hi) (Kynkaanniemi et al. 2024: guidance at every noise
-    level costs diversity and, at high noise, layout). Returns the final x0 (B, 3, R, R)
-    in [-1, 1] and, if frames > 0, a list of `frames` intermediate x_t from noise to the end.
+    level costs diversity and, at high noise, layout). Returns the final x0 (B, C, R, R)
+    (C, R: the model's in_channels and resolution), clamped to [-1, 1] if `clamp` (pixels; not
+    latents), and, if frames > 0, a list of `frames` intermediate x_t from noise to the end.
     """
-    dev, res = labels.device, model.config.resolution
-    x = torch.cat([torch.randn((1, 3, res, res), generator=g) for g in generators]).to(dev)
+    dev, res, ch = labels.device, model.config.resolution, model.config.in_channels
+    x = torch.cat([torch.randn((1, ch, res, res), generator=g) for g in generators]).to(dev)
     x = x * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps, device=dev)  # also resets multistep solver state
     keep = set(torch.linspace(0, steps, frames).round().long().tolist()) if frames else set()
@@ -105,4 +106,4 @@ def denoise(model, scheduler, labels: torch.Tensor, generators: list[torch.Gener
         x = scheduler.step(out, t, x, **step_kw).prev_sample
         if i + 1 in keep:
             history.append(x.clone())
-    return x.clamp(-1, 1), history
+    return (x.clamp(-1, 1) if clamp else x), history

@@ -20,6 +20,11 @@ PRESETS = {
     "cpu": dict(resolution=32, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
                 down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    # Latent diffusion on the CPU (model.space: latent): the 16x16 latents of the autoencoder,
+    # widths of the `cpu` preset's 16/8/4 levels, attention at 8x8.
+    "cpu_latent": dict(resolution=16, block_out_channels=(64, 128, 128), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
     # The reports' GPU model: ~114M parameters at 64x64, attention at 4x4.
     "report": dict(resolution=64, block_out_channels=(128, 128, 256, 256, 512, 512), layers_per_block=2,
                    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
@@ -31,11 +36,15 @@ PRESETS = {
 #   concat       the 24 label values as constant extra input channels
 #   none         no label input (ablation)
 CONDITIONING = ("embedding", "scale_shift", "concat", "none")
+# Where diffusion runs: on the (resized) pixels, or on the autoencoder's latents (autoencoder.py)
+SPACES = ("pixel", "latent")
 
 
 def model_kwargs(params: dict) -> dict:
-    """Constructor kwargs from the `model` params: a preset plus overrides."""
+    """Constructor kwargs from the `model` params: a preset plus overrides (`space` is not one:
+    see model_space)."""
     params = dict(params)
+    params.pop("space", None)
     preset = params.pop("preset", "cpu")
     check_choice("model.preset", preset, PRESETS)
     kw = {**PRESETS[preset], **params}
@@ -43,10 +52,18 @@ def model_kwargs(params: dict) -> dict:
     return kw
 
 
+def model_space(params: dict) -> str:
+    """`model.space` of the params: pixel (default) or latent."""
+    space = params.get("space", "pixel")
+    check_choice("model.space", space, SPACES)
+    return space
+
+
 class ConditionalUNet(ModelMixin, ConfigMixin):
     """UNet2DModel conditioned on multi-hot labels in one of the CONDITIONING ways.
 
-    forward(x (B, 3, R, R) in model space, t (B,) int, labels (B, 24) in {0, 1}) -> (B, 3, R, R).
+    forward(x (B, C, R, R), t (B,) int, labels (B, 24) in {0, 1}) -> (B, C, R, R); C = in_channels,
+    3 for pixels in [-1, 1], the autoencoder's latent channels for scaled latents.
     An all-zero label vector is the unconditional (dropped) condition.
     """
 
@@ -54,13 +71,15 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
     def __init__(self, resolution: int = 32, block_out_channels=(32, 64, 128, 128), layers_per_block: int = 1,
                  down_block_types=PRESETS["cpu"]["down_block_types"],
                  up_block_types=PRESETS["cpu"]["up_block_types"], dropout: float = 0.0,
-                 norm_num_groups: int = 32, conditioning: str = "embedding", num_labels: int = NUM_LABELS):
+                 norm_num_groups: int = 32, conditioning: str = "embedding", num_labels: int = NUM_LABELS,
+                 in_channels: int = 3):
         super().__init__()
         check_choice("model.conditioning", conditioning, CONDITIONING)
         embed = conditioning in ("embedding", "scale_shift")
         self.concat = conditioning == "concat"
         self.unet = UNet2DModel(
-            sample_size=resolution, in_channels=3 + (num_labels if self.concat else 0), out_channels=3,
+            sample_size=resolution, in_channels=in_channels + (num_labels if self.concat else 0),
+            out_channels=in_channels,
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
             dropout=dropout, norm_num_groups=norm_num_groups,

@@ -1,5 +1,5 @@
-"""IclevrPipeline: the trained model as a diffusers DiffusionPipeline (the conditional UNet and
-a scheduler). `train` writes it with save_pretrained; from_pretrained loads it in one call,
+"""IclevrPipeline: the trained model as a diffusers DiffusionPipeline (the conditional UNet, a
+scheduler and, for latent diffusion, the autoencoder `vae` that decodes). `train` writes it with save_pretrained; from_pretrained loads it in one call,
 from local files only.
 
     pipe = IclevrPipeline.from_pretrained("models/ddpm")
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers import AutoencoderTiny, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 
 from . import labels as L
+from .autoencoder import decode, downscale
 from .data import resize, to_pil, to_uint8
 from .diffusion import denoise
 from .errors import UserError
@@ -36,11 +37,23 @@ class IclevrPipeline(DiffusionPipeline):
     `AnyScheduler.from_config(pipe.scheduler.config)` keeps the model's noise schedule.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
 
-    def __init__(self, unet: ConditionalUNet, scheduler: SchedulerMixin):
+    def __init__(self, unet: ConditionalUNet, scheduler: SchedulerMixin, vae: AutoencoderTiny | None = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's space (B, C, R, R) -> images (B, 3, S, S) in [-1, 1]: pixels are clamped,
+        latents decoded."""
+        return x.clamp(-1, 1) if self.vae is None else decode(self.vae, x)
+
+    @property
+    def image_resolution(self) -> int:
+        """Side of the images it draws before any resizing."""
+        r = self.unet.config.resolution
+        return r if self.vae is None else r * downscale(self.vae)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> IclevrPipeline:
@@ -80,8 +93,8 @@ class IclevrPipeline(DiffusionPipeline):
         gens = self._generators(generator, len(conditions))
         labels = L.multi_hot(conditions).to(self.device)
         x, _ = denoise(self.unet, self.scheduler, labels, gens, num_inference_steps, guidance_scale,
-                       interval=guidance_interval)
-        u8 = to_uint8(resize(x, image_size or self.unet.config.resolution)).cpu()
+                       interval=guidance_interval, clamp=False)
+        u8 = to_uint8(resize(self.to_images(x), image_size or self.image_resolution)).cpu()
         if output_type == "pt":
             images = u8.float() / 255
         elif output_type == "np":

@@ -46,9 +46,10 @@ class SampleConfig:
 
 def load_pipeline(model_dir, cfg: SampleConfig) -> IclevrPipeline:
     """The saved pipeline on cfg.device, its scheduler swapped for cfg.sampler (built from the
-    saved training betas, so every schedule works with every sampler)."""
+    saved training betas, so every schedule works with every sampler). cfg.clip keeps pixel
+    x0 estimates in [-1, 1]; latents are never clipped."""
     pipe = IclevrPipeline.from_pretrained(model_dir).to(resolve_device(cfg.device))
-    pipe.scheduler = sampler_scheduler(cfg.sampler, pipe.scheduler, cfg.clip)
+    pipe.scheduler = sampler_scheduler(cfg.sampler, pipe.scheduler, cfg.clip and pipe.vae is None)
     return pipe
 
 
@@ -70,8 +71,8 @@ def progression(pipe: IclevrPipeline, names: list[str], cfg: SampleConfig) -> to
     L.check_names(names, "params.yaml", "sample.progression")
     labels = L.multi_hot([names]).to(pipe.device)
     _, hist = denoise(pipe.unet, pipe.scheduler, labels, [torch.Generator().manual_seed(cfg.seed)],
-                      cfg.steps, cfg.guidance, frames=cfg.frames, interval=cfg.guidance_interval)
-    frames = to_uint8(resize(torch.cat(hist).clamp(-1, 1), cfg.out_size)).cpu()
+                      cfg.steps, cfg.guidance, frames=cfg.frames, interval=cfg.guidance_interval, clamp=False)
+    frames = to_uint8(resize(pipe.to_images(torch.cat(hist)), cfg.out_size)).cpu()
     return make_grid(frames, nrow=len(frames), padding=2, pad_value=255)
 
 

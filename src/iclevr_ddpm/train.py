@@ -18,6 +18,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from . import labels as L
+from .autoencoder import encode, load_autoencoder
 from .config import PRECISIONS, check_choice, fingerprint, from_params, resolve_device, resolve_precision
 from .data import load_processed, resize, to_model_range
 from .diffusion import diffusion_loss, noise_scheduler, sampler_scheduler
@@ -115,21 +116,24 @@ class ValProbe:
     """val_accuracy of a model: samples the first `cfg.eval_images` val conditions with
     cfg.eval_sample's sampler and scores them with the evaluator (official metric)."""
 
-    def __init__(self, cfg: TrainConfig, noise, evaluator_path, val_conditions, device):
+    def __init__(self, cfg: TrainConfig, noise, evaluator_path, val_conditions, device, vae=None):
+        self.vae = vae
         self.conditions = L.load_conditions(val_conditions)[:cfg.eval_images]
         self.labels = L.multi_hot(self.conditions)
         self.evaluator = load_evaluator(evaluator_path, device)
         self.sample_cfg = from_params(SampleConfig, cfg.eval_sample, "train.eval_sample")
-        self.sampler = sampler_scheduler(self.sample_cfg.sampler, noise, self.sample_cfg.clip)
+        self.sampler = sampler_scheduler(self.sample_cfg.sampler, noise, self.sample_cfg.clip and vae is None)
 
     def __call__(self, model: ConditionalUNet) -> float:
-        images = generate(IclevrPipeline(unet=model, scheduler=self.sampler), self.conditions, self.sample_cfg)
+        pipe = IclevrPipeline(unet=model, scheduler=self.sampler, vae=self.vae)
+        images = generate(pipe, self.conditions, self.sample_cfg)
         return accuracy(predict(self.evaluator, images), self.labels)
 
 
 def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, labels: torch.Tensor,
                cfg: TrainConfig) -> float:
-    """One optimisation step on a random batch of x_all (N, 3, R, R) in [-1, 1]; returns the loss."""
+    """One optimisation step on a random batch of x_all (N, C, R, R) (pixels in [-1, 1] or scaled
+    latents); returns the loss."""
     idx = torch.randint(len(x_all), (cfg.batch_size,), generator=run.gen)
     x0, y = x_all[idx].to(acc.device), labels[idx].clone()
     y[torch.rand(len(y), generator=run.gen) < cfg.p_uncond] = 0.0  # label dropout -> null condition
@@ -158,12 +162,14 @@ def _log(live: Live | None, step: int, metrics: dict) -> None:
     live.make_summary()
 
 
-def save_pipeline(model: ConditionalUNet, noise, cfg: TrainConfig, out_dir) -> None:
-    """Write out_dir as an IclevrPipeline; its scheduler is eval_sample's sampler on the training
-    betas, from which sampling rebuilds any other sampler (sampler_scheduler)."""
-    sampler = sampler_scheduler(from_params(SampleConfig, cfg.eval_sample, "train.eval_sample").sampler, noise)
+def save_pipeline(model: ConditionalUNet, noise, cfg: TrainConfig, out_dir, vae=None) -> None:
+    """Write out_dir as an IclevrPipeline (with the autoencoder `vae` for latent diffusion); its
+    scheduler is eval_sample's sampler on the training betas, from which sampling rebuilds any
+    other sampler (sampler_scheduler)."""
+    name = from_params(SampleConfig, cfg.eval_sample, "train.eval_sample").sampler
+    sampler = sampler_scheduler(name, noise, clip=vae is None)
     with atomic_dir(out_dir) as tmp:
-        IclevrPipeline(unet=model, scheduler=sampler).save_pretrained(tmp)
+        IclevrPipeline(unet=model, scheduler=sampler, vae=vae).save_pretrained(tmp)
 
 
 def _check_in_sync(acc: Accelerator, model: torch.nn.Module) -> None:
@@ -181,8 +187,12 @@ def _check_in_sync(acc: Accelerator, model: torch.nn.Module) -> None:
 
 
 def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, data_path,
-          out_dir, ckpt_dir, live_dir, evaluator=None, val_conditions=None) -> dict:
+          out_dir, ckpt_dir, live_dir, evaluator=None, val_conditions=None, autoencoder=None) -> dict:
     """Train from the tensor file; write the EMA model to out_dir (save_pretrained).
+
+    With `autoencoder` (a folder train_autoencoder wrote) diffusion runs on its latents: the
+    images are encoded once, the UNet's resolution and channels are the latents', and the
+    saved pipeline holds the autoencoder to decode.
 
     Every cfg.eval_every steps (and at the end) the EMA model's val_accuracy is measured with
     `evaluator` on `val_conditions` and logged with the training minutes so far.
@@ -193,12 +203,20 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     set_seed(cfg.seed)  # same initial weights on every process and every run
     noise = noise_scheduler(schedule, **diffusion_kw)
     images, labels = load_processed(data_path, "train")
+    vae, vae_config = None, None
+    if autoencoder is not None:
+        vae = load_autoencoder(autoencoder)
+        x_all = encode(vae, to_model_range(images))  # once, in memory: (N, C, R/f, R/f)
+        model_kw = {**model_kw, "resolution": x_all.shape[-1], "in_channels": x_all.shape[1]}
+        vae_config = dict(vae.config)  # its scaling differs with every retraining
     run = Run(cfg, model_kw, seed_offset=acc.process_index)
-    x_all = resize(to_model_range(images), run.model.config.resolution)  # once, in memory
+    if vae is None:
+        x_all = resize(to_model_range(images), run.model.config.resolution)  # once, in memory
     # one file for all processes, written by rank 0: a kill can never leave ranks at different steps
     ckpt = Path(ckpt_dir) / "checkpoint.pt"
     run_settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
-    fp = fingerprint(run_settings, model_kw, diffusion_kw, schedule, acc.num_processes, len(images))
+    fp = fingerprint(run_settings, model_kw, diffusion_kw, schedule, acc.num_processes, len(images),
+                     *([vae_config] if vae_config else []))
     state = load_checkpoint(ckpt, fp)
     if resumed := state is not None:
         run.load(state, acc.process_index)
@@ -207,7 +225,8 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     if cfg.eval_every and acc.is_main_process:
         if evaluator is None or val_conditions is None:
             raise UserError("params.yaml: train.eval_every needs an evaluator and val conditions")
-        probe = ValProbe(cfg, noise, evaluator, val_conditions, acc.device)
+        probe = ValProbe(cfg, noise, evaluator, val_conditions, acc.device,
+                         vae.to(acc.device) if vae is not None else None)
     # The LR schedule is not prepared: accelerate would step it once per process, and every
     # process here runs all max_steps (each draws its own batches).
     model, opt = acc.prepare(run.model, run.opt)
@@ -241,7 +260,7 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     _check_in_sync(acc, run.model)
     if not acc.is_main_process:
         return None
-    save_pipeline(run.ema_model(), noise, cfg, out_dir)
+    save_pipeline(run.ema_model(), noise, cfg, out_dir, vae.cpu() if vae is not None else None)
     live.end()
     steps_run = run.step - start
     return {"steps": run.step, "steps_this_run": steps_run,
