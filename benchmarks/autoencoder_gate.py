@@ -6,10 +6,12 @@ train_autoencoder stage checks), then the same on 1,000 at the end.
     python benchmarks/autoencoder_gate.py MINUTES EVERY [KEY=VALUE ...] [--init=DIR] [--out=DIR]
 
 KEY=VALUE: fields of AutoencoderConfig (channels=32 blocks=[0,2,2] latent_channels=4
-object_weight=10 ...); --init continues from a saved autoencoder. Reads
+object_weight=10 ...); --init continues from a saved autoencoder; --decay lowers the lr from
+cfg.lr to 0 along a cosine over the MINUTES (by the clock, as the run is timed). Reads
 data/processed/iclevr.pt and models/evaluator.pth; OMP_NUM_THREADS sets the cores.
 """
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,8 @@ def gate(ae, ev, x, xh, yh, n: int) -> dict:
     return scores
 
 
-def main(minutes: float, every: float, *overrides: str, init: str | None = None, out: str | None = None) -> None:
+def main(minutes: float, every: float, *overrides: str, init: str | None = None, out: str | None = None,
+         decay: bool = False) -> None:
     cfg = A.AutoencoderConfig(**{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
     torch.manual_seed(cfg.seed)
     ae = A.AutoencoderTiny.from_pretrained(init) if init else A.build_autoencoder(cfg)
@@ -46,6 +49,8 @@ def main(minutes: float, every: float, *overrides: str, init: str | None = None,
     gen, step, t0, next_report = torch.Generator().manual_seed(cfg.seed), 0, time.perf_counter(), every
     while (elapsed := time.perf_counter() - t0) < minutes * 60:
         idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)
+        if decay:  # cosine to 0 by the clock
+            opt.param_groups[0]["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / (minutes * 60), 1)))
         loss = A.reconstruction_loss(ae, to_model_range(x[idx]), cfg.object_weight)
         opt.zero_grad()
         loss.backward()
@@ -65,4 +70,5 @@ def main(minutes: float, every: float, *overrides: str, init: str | None = None,
 if __name__ == "__main__":
     opts = dict(a[2:].partition("=")[::2] for a in sys.argv[1:] if a.startswith("--"))
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(float(args[0]), float(args[1]), *args[2:], init=opts.get("init"), out=opts.get("out"))
+    main(float(args[0]), float(args[1]), *args[2:], init=opts.get("init"), out=opts.get("out"),
+         decay="decay" in opts)

@@ -87,6 +87,9 @@ def test_stage_function_saves_scaling_and_resumes(tiny_processed, tmp_path, kill
     assert saved["scaling_factor"] != 1.0 and saved["latent_channels"] == 3
     ae = A.load_autoencoder(tmp_path / "ae")
     assert ae.config.scaling_factor == saved["scaling_factor"]
+    # the cosine lr resumed where the kill left it (a restarted one would end at step 3, lr > 0)
+    state = torch.load(tmp_path / "ae.pt", weights_only=True)
+    assert state["lr_scheduler"]["last_epoch"] == 6 and state["optimizer"]["param_groups"][0]["lr"] == 0
 
 
 def test_gate_failure_names_the_figures_and_saves_nothing(tiny_processed, tmp_path):
@@ -101,6 +104,8 @@ def test_gate_failure_names_the_figures_and_saves_nothing(tiny_processed, tmp_pa
 def test_bad_config_and_missing_folder_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="autoencoder.blocks"):
         A.AutoencoderConfig(blocks=[])
+    with pytest.raises(UserError, match="autoencoder.lr_schedule"):
+        A.AutoencoderConfig(lr_schedule="step")
     with pytest.raises(UserError, match="no saved autoencoder"):
         A.load_autoencoder(tmp_path)
     with pytest.raises(ValueError, match="model.space"):
