@@ -86,6 +86,6 @@ def test_repro_then_experiment_with_linear_schedule(repo):
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert {"train_autoencoder", "train", "evaluate@test"} <= ran
     ae = json.loads((repo / "metrics" / "autoencoder.json").read_text())
-    assert ae["trained"] and ae["latent_shape"] == [4, 16, 16]
+    assert ae["trained"] and ae["latent_shape"] == [8, 16, 16]
     assert (repo / "models" / "ddpm" / "vae" / "config.json").exists()
     assert json.loads((repo / "metrics" / "test.json").read_text())["images"] == 32
