@@ -5,7 +5,7 @@ train_autoencoder stage checks), then the same on 1,000 at the end.
 
     python benchmarks/autoencoder_gate.py MINUTES EVERY [KEY=VALUE ...] [--init=DIR] [--out=DIR]
 
-KEY=VALUE: fields of AutoencoderConfig (channels=32 blocks=[0,2,2] latent_channels=4
+KEY=VALUE: fields of AutoencoderConfig (channels=32 blocks=[0,2,2] latent_channels=8
 object_weight=10 ...); --init continues from a saved autoencoder; --decay lowers the lr from
 cfg.lr to 0 along a cosine over the MINUTES (by the clock, as the run is timed). Reads
 data/processed/iclevr.pt and models/evaluator.pth; OMP_NUM_THREADS sets the cores.
