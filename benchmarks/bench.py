@@ -36,15 +36,14 @@ def _steps_rate(loss_fn, model, lr: float, batch: int, steps: int, warmup: int) 
 
 
 def train_rate(preset: str, batch: int, steps: int, channels_last: bool = False, bf16: bool = False,
-               compiled: bool = False, conditioning: str = "scale_shift", in_channels: int = 3) -> float:
+               compiled: bool = False, **overrides) -> float:
     """DDPM training images/s; optionally channels_last, bf16 autocast, torch.compile (its
-    compilation is in the untimed warm-up steps)."""
-    model = ConditionalUNet(**model_kwargs({"preset": preset, "conditioning": conditioning,
-                                            "in_channels": in_channels}))
+    compilation is in the untimed warm-up steps). overrides: model fields (AdaGN unless given)."""
+    model = ConditionalUNet(**model_kwargs({"preset": preset, "conditioning": "scale_shift", **overrides}))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     net = torch.compile(model) if compiled else model
-    res, sched = model.config.resolution, noise_scheduler("cosine")
+    res, in_channels, sched = model.config.resolution, model.config.in_channels, noise_scheduler("cosine")
     x, y = (torch.rand(batch, in_channels, res, res) * 2 - 1).contiguous(memory_format=fmt), torch.zeros(batch, NUM_LABELS)
 
     def loss():
@@ -52,7 +51,8 @@ def train_rate(preset: str, batch: int, steps: int, channels_last: bool = False,
             return diffusion_loss(net, sched, x, y)
     rate = _steps_rate(loss, model, 1e-4, batch, steps, warmup=3 if compiled else 1)
     n = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"train {preset:10s} {n:6.1f}M params {res}x{res}x{in_channels} batch {batch} channels_last={channels_last!s:5} "
+    patch = f" patch {model.config.patch_size}" if model.config.patch_size > 1 else ""
+    print(f"train {preset:10s} {n:6.1f}M params {res}x{res}x{in_channels}{patch} batch {batch} channels_last={channels_last!s:5} "
           f"bf16={bf16!s:5} compile={compiled!s:5}: {rate:7.1f} images/s")
     return rate
 
@@ -103,6 +103,8 @@ if __name__ == "__main__":
                                (False, False, True)):
         train_rate("cpu", 32, 25, cl, bf16, compiled)
     train_rate("cpu_latent", 32, 25, in_channels=4)
+    train_rate("cpu", 32, 25, resolution=64, patch_size=2)  # 64x64 pixels folded into 2x2 patches
+    train_rate("cpu_latent", 32, 25, resolution=64, patch_size=4)
     autoencoder_rate()
     train_rate("report", 4, 3)
     for fmt, bf16 in ((False, False), (True, False), (True, True)):

@@ -5,7 +5,7 @@ import torch
 
 from iclevr_ddpm.config import from_params
 from iclevr_ddpm.data import load_processed, resize, to_model_range
-from iclevr_ddpm.diffusion import SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, sampler_scheduler
+from iclevr_ddpm.diffusion import SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, sampler_scheduler, snr
 from iclevr_ddpm.model import CONDITIONING, ConditionalUNet, model_kwargs
 from iclevr_ddpm.train import TrainConfig
 
@@ -48,6 +48,31 @@ def test_conditioning_builds_the_named_network():
         tiny(conditioning="film")
 
 
+def test_patch_size_runs_the_unet_on_folded_patches(tmp_path):
+    m = tiny(resolution=32, patch_size=2).eval()
+    assert m.unet.config.sample_size == 16 and m.unet.conv_in.in_channels == 12
+    assert m.unet.conv_out.out_channels == 12
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 999]), torch.eye(24)[:2]
+    with torch.no_grad():
+        assert m(x, t, y).shape == (2, 3, 32, 32)
+    m.save_pretrained(tmp_path)
+    back = ConditionalUNet.from_pretrained(tmp_path).eval()
+    assert back.config.patch_size == 2 and torch.equal(m(x, t, y), back(x, t, y))
+    seen = []
+
+    class Identity(torch.nn.Module):  # records what the UNet gets and hands it back
+        def forward(self, h, t, class_labels=None):
+            seen.append(h)
+            return type("Out", (), {"sample": h})()
+
+    m.unet = Identity()
+    assert torch.equal(m(x, t, y), x)  # unfolding inverts the folding exactly
+    assert seen[0].shape == (2, 12, 16, 16)
+    assert torch.equal(seen[0][:, :4, 0, 0], x[:, 0, :2, :2].flatten(1))  # channel c holds a 2x2 patch of c
+    with pytest.raises(ValueError, match="model.patch_size is 3; expected a whole divisor of model.resolution"):
+        tiny(resolution=32, patch_size=3)
+
+
 def test_report_preset_size():
     m = ConditionalUNet(**model_kwargs({"preset": "report"}))
     assert 110e6 < sum(p.numel() for p in m.parameters()) < 118e6
@@ -68,6 +93,18 @@ def test_schedules_give_expected_betas():
     f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
     cos = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(T)])
     assert torch.allclose(noise_scheduler("cosine").betas, cos, atol=1e-6)
+
+
+def test_snr_shift_divides_the_signal_to_noise_ratio():
+    base, shifted = noise_scheduler("cosine"), noise_scheduler("cosine", snr_shift=2.0)
+    t = torch.tensor([0, 100, 500, 900])
+    ratio = snr(shifted, t) / snr(base, t)
+    assert torch.allclose(ratio, torch.full((4,), 0.25), rtol=1e-3)
+    assert torch.equal(noise_scheduler("cosine", snr_shift=1.0).betas, base.betas)
+    dpm = sampler_scheduler("dpmsolver++", shifted)  # samplers run on the shifted levels too
+    assert torch.allclose(dpm.alphas_cumprod.float(), shifted.alphas_cumprod.float(), atol=1e-6)
+    with pytest.raises(ValueError, match="diffusion.snr_shift is 0; expected a number > 0"):
+        noise_scheduler("cosine", snr_shift=0)
 
 
 def test_every_sampler_uses_the_training_noise_levels():

@@ -9,6 +9,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        UniPCMultistepScheduler)
 
 from .config import check_choice
+from .errors import UserError
 
 # params.yaml name -> diffusers beta_schedule
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2",
@@ -18,12 +19,24 @@ SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
 
 
 def noise_scheduler(schedule: str, num_train_timesteps: int = 1000,
-                    prediction_type: str = "v_prediction") -> DDPMScheduler:
-    """The training noise process (DDPM, Ho et al. 2020) for a named beta schedule."""
+                    prediction_type: str = "v_prediction", snr_shift: float = 1.0) -> DDPMScheduler:
+    """The training noise process (DDPM, Ho et al. 2020) for a named beta schedule.
+
+    snr_shift s > 1 divides the signal-to-noise ratio at every t by s^2: the same schedule for an
+    image s times larger per side, whose neighbouring pixels share more of the signal ("simple
+    diffusion", Hoogeboom et al. 2023, shifts by 64 / resolution)."""
     check_choice("schedule", schedule, SCHEDULES)
     check_choice("diffusion.prediction_type", prediction_type, PREDICTION_TYPES)
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=SCHEDULES[schedule],
-                         prediction_type=prediction_type, clip_sample=True)
+    common = dict(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type, clip_sample=True)
+    base = DDPMScheduler(**common, beta_schedule=SCHEDULES[schedule])
+    if snr_shift == 1.0:
+        return base
+    if snr_shift <= 0:
+        raise UserError(f"params.yaml: diffusion.snr_shift is {snr_shift}; expected a number > 0 (1 = no shift)")
+    ab = base.alphas_cumprod.double()
+    ab = ab / (ab + snr_shift ** 2 * (1 - ab))  # SNR = ab / (1 - ab) -> SNR / s^2
+    betas = 1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
+    return DDPMScheduler(**common, trained_betas=betas.float().tolist())
 
 
 def sampler_scheduler(name: str, train: DDPMScheduler, clip: bool = True):

@@ -8,6 +8,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from .config import check_choice
+from .errors import UserError
 from .labels import NUM_LABELS
 
 # Named architectures (nanoGPT-style presets); params.yaml picks one and may override fields.
@@ -65,6 +66,9 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
     forward(x (B, C, R, R), t (B,) int, labels (B, 24) in {0, 1}) -> (B, C, R, R); C = in_channels,
     3 for pixels in [-1, 1], the autoencoder's latent channels for scaled latents.
     An all-zero label vector is the unconditional (dropped) condition.
+    patch_size p > 1: the UNet runs on (B, C*p*p, R/p, R/p), each p x p patch folded into
+    channels (pixel_unshuffle; "simple diffusion", Hoogeboom et al. 2023): R x R detail at the
+    cost of an R/p UNet, with no autoencoder to train.
     """
 
     @register_to_config
@@ -72,14 +76,19 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                  down_block_types=PRESETS["cpu"]["down_block_types"],
                  up_block_types=PRESETS["cpu"]["up_block_types"], dropout: float = 0.0,
                  norm_num_groups: int = 32, conditioning: str = "embedding", num_labels: int = NUM_LABELS,
-                 in_channels: int = 3):
+                 in_channels: int = 3, patch_size: int = 1):
         super().__init__()
         check_choice("model.conditioning", conditioning, CONDITIONING)
+        if patch_size < 1 or resolution % patch_size:
+            raise UserError(f"params.yaml: model.patch_size is {patch_size}; expected a whole divisor "
+                            f"of model.resolution ({resolution})")
+        self.patch = patch_size
+        folded = in_channels * patch_size ** 2
         embed = conditioning in ("embedding", "scale_shift")
         self.concat = conditioning == "concat"
         self.unet = UNet2DModel(
-            sample_size=resolution, in_channels=in_channels + (num_labels if self.concat else 0),
-            out_channels=in_channels,
+            sample_size=resolution // patch_size, in_channels=folded + (num_labels if self.concat else 0),
+            out_channels=folded,
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
             dropout=dropout, norm_num_groups=norm_num_groups,
@@ -90,7 +99,8 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(x.dtype)
+        x = nn.functional.pixel_unshuffle(x, self.patch)  # identity for patch 1
         if self.concat:
             x = torch.cat([x, labels[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
         cond = self.label_proj(labels) if self.label_proj is not None else None
-        return self.unet(x, t, class_labels=cond).sample
+        return nn.functional.pixel_shuffle(self.unet(x, t, class_labels=cond).sample, self.patch)
