@@ -27,12 +27,12 @@ def noise_scheduler(schedule: str, num_train_timesteps: int = 1000,
     diffusion", Hoogeboom et al. 2023, shifts by 64 / resolution)."""
     check_choice("schedule", schedule, SCHEDULES)
     check_choice("diffusion.prediction_type", prediction_type, PREDICTION_TYPES)
+    if snr_shift <= 0:
+        raise UserError(f"params.yaml: diffusion.snr_shift is {snr_shift}; expected a number > 0 (1 = no shift)")
     common = dict(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type, clip_sample=True)
     base = DDPMScheduler(**common, beta_schedule=SCHEDULES[schedule])
     if snr_shift == 1.0:
         return base
-    if snr_shift <= 0:
-        raise UserError(f"params.yaml: diffusion.snr_shift is {snr_shift}; expected a number > 0 (1 = no shift)")
     ab = base.alphas_cumprod.double()
     ab = ab / (ab + snr_shift ** 2 * (1 - ab))  # SNR = ab / (1 - ab) -> SNR / s^2
     betas = 1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])

@@ -82,7 +82,6 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         if patch_size < 1 or resolution % patch_size:
             raise UserError(f"params.yaml: model.patch_size is {patch_size}; expected a whole divisor "
                             f"of model.resolution ({resolution})")
-        self.patch = patch_size
         folded = in_channels * patch_size ** 2
         embed = conditioning in ("embedding", "scale_shift")
         self.concat = conditioning == "concat"
@@ -99,8 +98,8 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(x.dtype)
-        x = nn.functional.pixel_unshuffle(x, self.patch)  # identity for patch 1
+        x = nn.functional.pixel_unshuffle(x, self.config.patch_size)  # identity for patch 1
         if self.concat:
             x = torch.cat([x, labels[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
         cond = self.label_proj(labels) if self.label_proj is not None else None
-        return nn.functional.pixel_shuffle(self.unet(x, t, class_labels=cond).sample, self.patch)
+        return nn.functional.pixel_shuffle(self.unet(x, t, class_labels=cond).sample, self.config.patch_size)
