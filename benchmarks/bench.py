@@ -103,7 +103,7 @@ if __name__ == "__main__":
                                (False, False, True)):
         train_rate("cpu", 32, 25, cl, bf16, compiled)
     train_rate("cpu_latent", 32, 25, in_channels=4)
-    train_rate("cpu", 32, 25, resolution=64, patch_size=2)  # 64x64 pixels folded into 2x2 patches
+    train_rate("cpu_patch", 32, 25)  # 64x64 pixels folded into 2x2 patches
     train_rate("cpu_latent", 32, 25, resolution=64, patch_size=4)
     autoencoder_rate()
     train_rate("report", 4, 3)

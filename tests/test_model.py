@@ -73,6 +73,20 @@ def test_patch_size_runs_the_unet_on_folded_patches(tmp_path):
         tiny(resolution=32, patch_size=3)
 
 
+def test_cpu_patch_preset_is_the_cpu_unet_on_folded_64x64_images():
+    cpu = ConditionalUNet(**model_kwargs({"preset": "cpu", "conditioning": "scale_shift"}))
+    m = ConditionalUNet(**model_kwargs({"preset": "cpu_patch", "conditioning": "scale_shift"})).eval()
+    assert (m.config.resolution, m.config.patch_size) == (64, 2)
+    assert (m.unet.config.sample_size, m.unet.config.in_channels, m.unet.config.out_channels) == (32, 12, 12)
+    assert m.unet.config.block_out_channels == cpu.unet.config.block_out_channels
+    extra = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in cpu.parameters())
+    assert 0 < extra < 0.02 * sum(p.numel() for p in cpu.parameters())  # only the wider in/out convs
+    y = torch.zeros(2, 24)
+    y[0, 3] = y[1, [1, 20]] = 1
+    with torch.no_grad():
+        assert m(torch.randn(2, 3, 64, 64), torch.tensor([10, 900]), y).shape == (2, 3, 64, 64)
+
+
 def test_report_preset_size():
     m = ConditionalUNet(**model_kwargs({"preset": "report"}))
     assert 110e6 < sum(p.numel() for p in m.parameters()) < 118e6
