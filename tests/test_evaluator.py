@@ -7,9 +7,10 @@ from PIL import Image
 from iclevr_ddpm import evaluator as ev
 from iclevr_ddpm.config import resolve_precision
 from iclevr_ddpm.errors import UserError
-from iclevr_ddpm.labels import NUM_LABELS
-from iclevr_ddpm.evaluator import (EvaluatorConfig, accuracy, augment, build_evaluator, load_evaluator,
-                                   save_evaluator, score_folder, topk_hits, train_evaluator)
+from iclevr_ddpm.labels import INDEX, NUM_LABELS, multi_hot
+from iclevr_ddpm.evaluator import (EvaluatorConfig, accuracy, accuracy_by_shape, augment, build_evaluator,
+                                   load_evaluator, save_evaluator, score_folder, topk_hits, topk_label_hits,
+                                   train_evaluator)
 
 
 def test_topk_metric_hand_computed():
@@ -60,6 +61,10 @@ def test_score_folder_table_and_metrics(tmp_path):
         Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(tmp_path / "imgs" / f"{i}.png")
     metrics, table = score_folder(tmp_path / "ev.pth", tmp_path / "imgs", tmp_path / "c.json", "cpu")
     assert metrics["images"] == 3 and metrics["labels"] == 6
+    assert set(metrics["by_shape"]) == {"cube", "sphere", "cylinder"}  # 3 cubes, 2 spheres, 1 cylinder wanted
+    cubes = sum(o.endswith("cube") and o in p.split(", ")  # cubes wanted and found, from the table
+                for w, p in zip(table["wanted"], table["predicted_topk"]) for o in w.split(", "))
+    assert metrics["by_shape"]["cube"] == pytest.approx(cubes / 3, abs=1e-4)
     assert metrics["accuracy"] == pytest.approx(table["hits"].sum() / 6, abs=1e-4)
     assert list(table.columns) == ["index", "wanted", "predicted_topk", "hits", "k"]
     assert table["k"].tolist() == [1, 2, 3]
@@ -176,3 +181,14 @@ def test_evaluator_resumes_after_kill_and_saves_the_ema_weights(tiny_processed, 
     trained = _weights(tmp_path / "full_ck.pt")
     assert not torch.allclose(full["fc.0.weight"], trained["fc.0.weight"])
     assert torch.equal(full["bn1.running_mean"], trained["bn1.running_mean"])
+
+
+def test_accuracy_by_shape_counts_each_wanted_object_under_its_shape():
+    # image 0 wants a red cube and a blue sphere, its top 2 are red cube and gray cylinder;
+    # image 1 wants a cyan cube, its top 1 is cyan cube
+    wanted = multi_hot([["red cube", "blue sphere"], ["cyan cube"]])
+    probs = torch.zeros(2, NUM_LABELS)
+    probs[0, INDEX["red cube"]], probs[0, INDEX["gray cylinder"]] = 0.9, 0.8
+    probs[1, INDEX["cyan cube"]] = 0.7
+    assert topk_label_hits(probs, wanted).sum().item() == 2
+    assert accuracy_by_shape(probs, wanted) == {"cube": 1.0, "sphere": 0.0}  # no cylinder wanted

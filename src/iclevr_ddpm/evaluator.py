@@ -78,16 +78,31 @@ def save_evaluator(model: nn.Module, path) -> None:
     save_torch({"model": {k: v.contiguous() for k, v in model.state_dict().items()}}, path)
 
 
-def topk_hits(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per image, how many of its k highest outputs are true labels (k = its number of labels).
+def topk_label_hits(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Which true labels are among their image's k highest outputs (k = its number of labels).
 
-    probs, labels: (N, 24). Returns int (N,).
+    probs, labels: (N, 24). Returns bool (N, 24).
     """
     k = labels.sum(1).long()
     order = probs.argsort(dim=1, descending=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(probs.shape[1]).expand_as(order).contiguous())
-    return ((ranks < k[:, None]) & (labels > 0)).sum(1)
+    return (ranks < k[:, None]) & (labels > 0)
+
+
+def topk_hits(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, how many of its k highest outputs are true labels. Returns int (N,)."""
+    return topk_label_hits(probs, labels).sum(1)
+
+
+def accuracy_by_shape(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The official metric restricted to the wanted objects of each shape: {shape: hits / wanted}.
+
+    Shapes with no wanted object are left out. probs, labels: (N, 24)."""
+    from .labels import COLORS, SHAPES
+    hit = topk_label_hits(probs, labels).view(-1, len(SHAPES), len(COLORS)).sum((0, 2))
+    wanted = (labels > 0).view(-1, len(SHAPES), len(COLORS)).sum((0, 2))
+    return {s: round(h / w, 4) for s, h, w in zip(SHAPES, hit.tolist(), wanted.tolist()) if w}
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -297,5 +312,6 @@ def score_folder(evaluator_path, image_dir, conditions_file, device: str = "auto
                            for p, kk in zip(probs, k.tolist())],
         "hits": hits.tolist(), "k": k.tolist()})
     metrics = {"accuracy": round(hits.sum().item() / k.sum().item(), 4), "images": len(conditions),
-               "labels": int(k.sum()), "hits": int(hits.sum())}
+               "labels": int(k.sum()), "hits": int(hits.sum()),
+               "by_shape": accuracy_by_shape(probs, wanted)}  # which shapes the samples get wrong
     return metrics, table
