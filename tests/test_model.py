@@ -5,7 +5,8 @@ import torch
 
 from iclevr_ddpm.config import from_params
 from iclevr_ddpm.data import load_processed, resize, to_model_range
-from iclevr_ddpm.diffusion import SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, sampler_scheduler, snr
+from iclevr_ddpm.diffusion import (SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, sample_timesteps,
+                                  sampler_scheduler, snr)
 from iclevr_ddpm.model import CONDITIONING, ConditionalUNet, model_kwargs
 from iclevr_ddpm.train import TrainConfig
 
@@ -147,6 +148,22 @@ def test_bad_params_fail_with_allowed_values():
         TrainConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="train.mixed_precision 'fp8' unknown"):
         TrainConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match=r"train.timestep_sampling 'lognormal' unknown; expected one of \['uniform'"):
+        TrainConfig(timestep_sampling="lognormal")
+
+
+def test_logit_normal_timesteps_favour_the_middle_noise_levels():
+    g = lambda: torch.Generator().manual_seed(0)
+    uni = sample_timesteps(20000, 1000, "uniform", generator=g())
+    ln = sample_timesteps(20000, 1000, "logit_normal", 1.0, generator=g())
+    for t in (uni, ln):
+        assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999
+    mid = lambda t: ((t >= 250) & (t < 750)).float().mean().item()
+    # P(250 <= t < 750): 0.5 uniform; P(|z| < ln 3) = 0.728 for z ~ N(0, 1) under logit-normal
+    assert abs(mid(uni) - 0.5) < 0.02 and abs(mid(ln) - 0.728) < 0.02, (mid(uni), mid(ln))
+    assert abs(ln.float().mean().item() - 499.5) < 10  # symmetric about T / 2
+    wide = sample_timesteps(20000, 1000, "logit_normal", 2.0, generator=g())
+    assert mid(wide) < mid(ln)  # a larger logit_std spreads toward the ends
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -69,6 +69,17 @@ def test_nan_loss_names_the_step(tiny_processed, tmp_path, monkeypatch):
         _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(), "nan")
 
 
+def test_timestep_sampling_reaches_the_loss(tiny_processed, tmp_path, monkeypatch):
+    import iclevr_ddpm.diffusion as D
+    drawn, real = [], D.sample_timesteps
+    monkeypatch.setattr(D, "sample_timesteps", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(max_steps=10, timestep_sampling="logit_normal",
+                                                          logit_std=0.1), "ln")
+    t = torch.cat(drawn)
+    assert len(drawn) == 10 and t.numel() == 80
+    assert ((t > 400) & (t < 600)).all(), t  # sigmoid(N(0, 0.1^2)) * 1000 stays within 500 +- 100
+
+
 def _tiny_evaluator_and_val(tmp, processed):
     """A (random) evaluator file and the tiny set's val.json: what the probe needs."""
     from iclevr_ddpm.evaluator import build_evaluator, save_evaluator

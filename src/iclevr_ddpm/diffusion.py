@@ -63,16 +63,34 @@ def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
     return ab / (1 - ab)
 
 
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def sample_timesteps(b: int, num_train_timesteps: int, kind: str = "uniform", logit_std: float = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """(b,) integer timesteps in [0, T): uniform, or logit-normal, t / T = sigmoid(N(0, logit_std^2))
+    (Esser et al. 2024, SD3): more of the batch at middle noise levels, where layout and shape are
+    decided, fewer near t = 0 (denoising fine grain) and t = T (pure noise)."""
+    if kind == "uniform":
+        return torch.randint(0, num_train_timesteps, (b,), generator=generator)
+    if kind == "logit_normal":
+        u = torch.sigmoid(torch.randn(b, generator=generator) * logit_std)
+        return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    raise ValueError(f"timestep sampling {kind!r}: expected one of {TIMESTEP_SAMPLING}")
+
+
 def diffusion_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor,
-                   snr_gamma: float | None = 5.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                   snr_gamma: float | None = 5.0, generator: torch.Generator | None = None,
+                   timesteps: str = "uniform", logit_std: float = 1.0) -> torch.Tensor:
     """MSE on the scheduler's prediction target, optionally min-SNR weighted (Hang et al. 2023).
 
     x0: (B, 3, R, R) in [-1, 1]; labels: (B, 24). Noise and timesteps come from `generator`
-    (a CPU generator, so resumed runs draw the same numbers on any device).
+    (a CPU generator, so resumed runs draw the same numbers on any device); `timesteps` and
+    `logit_std` choose their distribution (sample_timesteps).
     """
     b, dev = x0.shape[0], x0.device
     noise = torch.randn(x0.shape, generator=generator).to(dev)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(dev)
+    t = sample_timesteps(b, scheduler.config.num_train_timesteps, timesteps, logit_std, generator).to(dev)
     xt = scheduler.add_noise(x0, noise, t)
     v_pred = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(x0, noise, t) if v_pred else noise

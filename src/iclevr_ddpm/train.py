@@ -21,7 +21,7 @@ from . import labels as L
 from .autoencoder import encode, load_autoencoder
 from .config import PRECISIONS, check_choice, fingerprint, from_params, resolve_device, resolve_precision
 from .data import load_processed, resize, to_model_range
-from .diffusion import diffusion_loss, noise_scheduler, sampler_scheduler
+from .diffusion import TIMESTEP_SAMPLING, diffusion_loss, noise_scheduler, sampler_scheduler
 from .errors import UserError
 from .evaluator import accuracy, load_evaluator, predict
 from .io import atomic_dir, load_checkpoint, save_torch
@@ -47,6 +47,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     p_uncond: float = 0.1          # label dropout for classifier-free guidance
     snr_gamma: float = 5.0         # min-SNR loss weighting; 0 turns it off
+    timestep_sampling: str = "uniform"  # uniform | logit_normal (diffusion.sample_timesteps)
+    logit_std: float = 1.0         # spread of logit_normal
     checkpoint_every: int = 250
     log_every: int = 10
     eval_every: int = 0            # steps between val_accuracy measurements (0 = never)
@@ -55,6 +57,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         check_choice("train.mixed_precision", self.mixed_precision, PRECISIONS)
         from_params(SampleConfig, self.eval_sample, "train.eval_sample")  # fail at start on a bad key
 
@@ -138,7 +141,8 @@ def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tenso
     x0, y = x_all[idx].to(acc.device), labels[idx].clone()
     y[torch.rand(len(y), generator=run.gen) < cfg.p_uncond] = 0.0  # label dropout -> null condition
     with acc.autocast():
-        loss = diffusion_loss(model, noise, x0, y.to(acc.device), cfg.snr_gamma, run.gen)
+        loss = diffusion_loss(model, noise, x0, y.to(acc.device), cfg.snr_gamma, run.gen,
+                              cfg.timestep_sampling, cfg.logit_std)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss.item()} at step {run.step + 1}; "
                                  f"try a lower train.lr or train.grad_clip")
