@@ -20,10 +20,10 @@ PRESETS = {
     "tiny": dict(resolution=16, block_out_channels=(16, 32), layers_per_block=1,
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8),
-    # CPU default: 4.3M parameters at 32x32, attention at 8x8 (~90 images/s on 2 cores).
+    # 4.5M parameters at 32x32 (AdaGN conditioning), attention at 8x8 (~90 images/s on 2 cores).
     "cpu": _CPU,
-    # The same UNet on 64x64 images folded into 2x2 patches (32x32x12): 64x64 detail at
-    # about the `cpu` cost (docs/image-quality.md).
+    # The CPU default: the same UNet on 64x64 images folded into 2x2 patches (32x32x12),
+    # 64x64 detail at about the `cpu` cost (docs/image-quality.md).
     "cpu_patch": {**_CPU, "resolution": 64, "patch_size": 2},
     # Latent diffusion on the CPU (model.space: latent): the 16x16 latents of the autoencoder,
     # widths of the `cpu` preset's 16/8/4 levels, attention at 8x8.
