@@ -28,6 +28,6 @@ def test_variant_overrides_dotted_keys_with_yaml_values(sbs):
 
 
 def test_written_variant_folders_hold_their_params(sbs, tmp_path):
-    assert sbs.write_variants(tmp_path, ["a=train.lr=0.002", "b="]) == ["a", "b"]
-    assert yaml.safe_load((tmp_path / "a" / "params.yaml").read_text())["train"]["lr"] == 0.002
+    assert sbs.write_variants(tmp_path, ["a=train.lr=0.0042", "b="]) == ["a", "b"]
+    assert yaml.safe_load((tmp_path / "a" / "params.yaml").read_text())["train"]["lr"] == 0.0042
     assert (tmp_path / "b" / "params.yaml").exists()
