@@ -150,6 +150,8 @@ def test_bad_params_fail_with_allowed_values():
         TrainConfig(mixed_precision="fp8")
     with pytest.raises(ValueError, match=r"train.timestep_sampling 'lognormal' unknown; expected one of \['uniform'"):
         TrainConfig(timestep_sampling="lognormal")
+    with pytest.raises(ValueError, match=r"train.timestep_sampling 'lognormal' unknown; expected one of \['uniform'"):
+        sample_timesteps(4, 1000, "lognormal")
 
 
 def test_logit_normal_timesteps_favour_the_middle_noise_levels():

@@ -71,12 +71,11 @@ def sample_timesteps(b: int, num_train_timesteps: int, kind: str = "uniform", lo
     """(b,) integer timesteps in [0, T): uniform, or logit-normal, t / T = sigmoid(N(0, logit_std^2))
     (Esser et al. 2024, SD3): more of the batch at middle noise levels, where layout and shape are
     decided, fewer near t = 0 (denoising fine grain) and t = T (pure noise)."""
+    check_choice("train.timestep_sampling", kind, TIMESTEP_SAMPLING)
     if kind == "uniform":
         return torch.randint(0, num_train_timesteps, (b,), generator=generator)
-    if kind == "logit_normal":
-        u = torch.sigmoid(torch.randn(b, generator=generator) * logit_std)
-        return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
-    raise ValueError(f"timestep sampling {kind!r}: expected one of {TIMESTEP_SAMPLING}")
+    u = torch.sigmoid(torch.randn(b, generator=generator) * logit_std)
+    return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
 
 def diffusion_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor,
