@@ -7,7 +7,8 @@ from iclevr_ddpm.config import from_params
 from iclevr_ddpm.data import load_processed, resize, to_model_range
 from iclevr_ddpm.diffusion import (SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, sample_timesteps,
                                   sampler_scheduler, snr)
-from iclevr_ddpm.model import CONDITIONING, ConditionalUNet, model_kwargs
+from iclevr_ddpm.labels import INDEX, multi_hot
+from iclevr_ddpm.model import CONDITIONING, ConditionalUNet, attribute_matrix, model_kwargs
 from iclevr_ddpm.train import TrainConfig
 
 
@@ -47,6 +48,29 @@ def test_conditioning_builds_the_named_network():
     assert tiny(conditioning="concat").label_proj is None
     with pytest.raises(ValueError, match="model.conditioning 'film' unknown"):
         tiny(conditioning="film")
+
+
+def test_attribute_features_share_colour_and_shape_directions(tmp_path):
+    a = attribute_matrix()
+    assert a.shape == (24, 11) and torch.equal(a.sum(1), torch.full((24,), 2.0))
+    # cyan = colour 6, cube = shape 0; gray cylinder = colour 0, shape 2 (labels.py order)
+    assert a[INDEX["cyan cube"]].nonzero().flatten().tolist() == [6, 8]
+    assert a[INDEX["gray cylinder"]].nonzero().flatten().tolist() == [0, 10]
+    m = tiny(conditioning="scale_shift", label_features="attributes").eval()
+    assert m.label_proj.in_features == 24 + 8 + 3
+    seen = []
+    m.label_proj.register_forward_hook(lambda mod, inputs, out: seen.append(inputs[0]))
+    y = multi_hot([["red cube", "cyan cube", "red sphere"]])
+    with torch.no_grad():
+        x, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
+        m(x, t, y)
+        # the projection reads [labels, colour counts (red 2, cyan 1), shape counts (cube 2, sphere 1)]
+        assert torch.equal(seen[0], torch.cat([y, torch.tensor([[0, 2, 0, 0, 0, 0, 1, 0, 2, 1, 0.]])], 1))
+        m.save_pretrained(tmp_path)  # the matrix is rebuilt from the config, not stored
+        assert torch.allclose(ConditionalUNet.from_pretrained(tmp_path).eval()(x, t, y), m(x, t, y), atol=1e-5)
+    assert tiny(conditioning="concat", label_features="attributes").label_proj is None
+    with pytest.raises(ValueError, match=r"model.label_features 'colours' unknown; expected one of \['objects'"):
+        model_kwargs({"label_features": "colours"})
 
 
 def test_patch_size_runs_the_unet_on_folded_patches(tmp_path):

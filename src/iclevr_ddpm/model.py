@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import check_choice
 from .errors import UserError
-from .labels import NUM_LABELS
+from .labels import COLORS, NUM_LABELS, SHAPES
 
 # Named architectures (nanoGPT-style presets); params.yaml picks one and may override fields.
 _CPU = dict(resolution=32, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
@@ -41,6 +41,11 @@ PRESETS = {
 #   concat       the 24 label values as constant extra input channels
 #   none         no label input (ablation)
 CONDITIONING = ("embedding", "scale_shift", "concat", "none")
+# What the label projection reads (embedding / scale_shift):
+#   objects     the 24-dim multi-hot vector: one learnt direction per object
+#   attributes  the multi-hot vector plus its colour and shape counts (8 + 3): directions shared
+#               by every object of a colour or shape, so "cube" learns from all 8 cube labels
+LABEL_FEATURES = ("objects", "attributes")
 # Where diffusion runs: on the (resized) pixels, or on the autoencoder's latents (autoencoder.py)
 SPACES = ("pixel", "latent")
 
@@ -54,7 +59,17 @@ def model_kwargs(params: dict) -> dict:
     check_choice("model.preset", preset, PRESETS)
     kw = {**PRESETS[preset], **params}
     check_choice("model.conditioning", kw.get("conditioning", "embedding"), CONDITIONING)
+    check_choice("model.label_features", kw.get("label_features", "objects"), LABEL_FEATURES)
     return kw
+
+
+def attribute_matrix() -> torch.Tensor:
+    """(24, 11) 0/1: row i one-hot in its colour (first 8 columns) and its shape (last 3),
+    in the official label order (index = shape * 8 + colour, labels.py)."""
+    m = torch.zeros(NUM_LABELS, len(COLORS) + len(SHAPES))
+    for i in range(NUM_LABELS):
+        m[i, i % len(COLORS)] = m[i, len(COLORS) + i // len(COLORS)] = 1
+    return m
 
 
 def model_space(params: dict) -> str:
@@ -80,9 +95,10 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                  down_block_types=PRESETS["cpu"]["down_block_types"],
                  up_block_types=PRESETS["cpu"]["up_block_types"], dropout: float = 0.0,
                  norm_num_groups: int = 32, conditioning: str = "embedding", num_labels: int = NUM_LABELS,
-                 in_channels: int = 3, patch_size: int = 1):
+                 in_channels: int = 3, patch_size: int = 1, label_features: str = "objects"):
         super().__init__()
         check_choice("model.conditioning", conditioning, CONDITIONING)
+        check_choice("model.label_features", label_features, LABEL_FEATURES)
         if patch_size < 1 or resolution % patch_size:
             raise UserError(f"params.yaml: model.patch_size is {patch_size}; expected a whole divisor "
                             f"of model.resolution ({resolution})")
@@ -98,12 +114,18 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             resnet_time_scale_shift="scale_shift" if conditioning == "scale_shift" else "default",
             class_embed_type="identity" if embed else None)
         time_dim = block_out_channels[0] * 4  # UNet2DModel's time-embedding width
-        self.label_proj = nn.Linear(num_labels, time_dim) if embed else None
+        attrs = embed and label_features == "attributes"
+        # labels (B, 24) -> [labels, labels @ A] (B, 35): colour and shape counts (attribute_matrix)
+        self.register_buffer("attributes", attribute_matrix() if attrs else None, persistent=False)
+        n_in = num_labels + (self.attributes.shape[1] if attrs else 0)
+        self.label_proj = nn.Linear(n_in, time_dim) if embed else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(x.dtype)
         x = nn.functional.pixel_unshuffle(x, self.config.patch_size)  # identity for patch 1
         if self.concat:
             x = torch.cat([x, labels[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
+        if self.attributes is not None:
+            labels = torch.cat([labels, labels @ self.attributes.to(labels.dtype)], dim=1)
         cond = self.label_proj(labels) if self.label_proj is not None else None
         return nn.functional.pixel_shuffle(self.unet(x, t, class_labels=cond).sample, self.config.patch_size)
