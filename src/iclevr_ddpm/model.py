@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import check_choice
 from .errors import UserError
-from .labels import COLORS, NUM_LABELS, SHAPES
+from .labels import COLORS, NAMES, NUM_LABELS, SHAPES
 
 # Named architectures (nanoGPT-style presets); params.yaml picks one and may override fields.
 _CPU = dict(resolution=32, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
@@ -64,11 +64,12 @@ def model_kwargs(params: dict) -> dict:
 
 
 def attribute_matrix() -> torch.Tensor:
-    """(24, 11) 0/1: row i one-hot in its colour (first 8 columns) and its shape (last 3),
-    in the official label order (index = shape * 8 + colour, labels.py)."""
+    """(24, 11) 0/1: row i one-hot in label i's colour (first 8 columns, labels.COLORS order)
+    and its shape (last 3, labels.SHAPES order); labels @ A = colour and shape counts."""
     m = torch.zeros(NUM_LABELS, len(COLORS) + len(SHAPES))
-    for i in range(NUM_LABELS):
-        m[i, i % len(COLORS)] = m[i, len(COLORS) + i // len(COLORS)] = 1
+    for i, name in enumerate(NAMES):  # "<colour> <shape>"
+        colour, shape = name.split()
+        m[i, COLORS.index(colour)] = m[i, len(COLORS) + SHAPES.index(shape)] = 1
     return m
 
 
@@ -88,6 +89,8 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
     patch_size p > 1: the UNet runs on (B, C*p*p, R/p, R/p), each p x p patch folded into
     channels (pixel_unshuffle; "simple diffusion", Hoogeboom et al. 2023): R x R detail at the
     cost of an R/p UNet, with no autoencoder to train.
+    label_features "attributes": the label projection reads (B, 24 + 8 + 3), the labels and their
+    colour and shape counts (labels @ attribute_matrix()), a fixed matrix rebuilt from the config.
     """
 
     @register_to_config
