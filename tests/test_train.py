@@ -119,3 +119,19 @@ def test_eval_every_without_evaluator_fails_before_training(tiny_processed, tmp_
 def test_unknown_eval_sample_key_fails_at_start():
     with pytest.raises(ValueError, match="train.eval_sample.sampler_name is not a known key"):
         _cfg(eval_sample={"sampler_name": "ddim"})
+
+
+@pytest.mark.parametrize("power, mean", [(2 / 3, 38.49), (0.75, 35.35)])
+def test_ema_power_sets_the_averaging_window(power, mean):
+    # params.yaml's formula: decay = min(ema_decay, 1 - (1 + step)^-ema_power), step = updates before
+    run = T.Run(_cfg(ema_power=power), model_kwargs({"preset": "tiny"}))
+    p, expected = next(run.model.parameters()), 0.0
+    for step in range(50):
+        with torch.no_grad():
+            p.fill_(float(step))  # weights 0, 1, ..., 49: the EMA is a weighted mean of the steps
+        run.ema.step(run.model.parameters())
+        decay = min(0.999, 1 - (1 + step) ** -power) if step else 0.0
+        expected = decay * expected + (1 - decay) * step
+    ema = run.ema.shadow_params[0].flatten()[0].item()
+    assert ema == pytest.approx(expected, rel=1e-5)
+    assert ema == pytest.approx(mean, abs=0.01)  # the longer window (0.75) lags further behind 49

@@ -44,7 +44,8 @@ class TrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999       # the cap of the EMA decay
+    ema_power: float = 2 / 3       # warm-up: decay = min(ema_decay, 1 - (1 + step)^-ema_power)
     p_uncond: float = 0.1          # label dropout for classifier-free guidance
     snr_gamma: float = 5.0         # min-SNR loss weighting; 0 turns it off
     timestep_sampling: str = "uniform"  # uniform | logit_normal (diffusion.sample_timesteps)
@@ -84,7 +85,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, model_kw: dict, seed_offset: int = 0):
         self.model = ConditionalUNet(**model_kw)
-        self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True,
+        self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power,
                             model_cls=ConditionalUNet, model_config=self.model.config)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lr_sched = _lr_scheduler(cfg, self.opt)
