@@ -109,6 +109,15 @@ class Run:
         self.step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
 
+    def resume(self, ckpt: Path, fp: str, rank: int = 0) -> bool:
+        """Load the checkpoint file ckpt if it holds a run of the same settings (fingerprint fp)."""
+        state = load_checkpoint(ckpt, fp)
+        if state is None:
+            return False
+        self.load(state, rank)
+        print(f"{ckpt}: resuming at step {self.step} (process {rank})")
+        return True
+
     def ema_model(self) -> ConditionalUNet:
         """A new model holding the EMA weights, on the CPU, in eval mode."""
         model = ConditionalUNet.from_config(self.model.config)
@@ -191,6 +200,45 @@ def _check_in_sync(acc: Accelerator, model: torch.nn.Module) -> None:
         raise RuntimeError(f"processes ended with different weights: {digests}")
 
 
+def _probe(cfg: TrainConfig, acc: Accelerator, noise, evaluator, val_conditions, vae) -> ValProbe | None:
+    """The learning-curve probe on the main process when cfg.eval_every is set, else None."""
+    if not cfg.eval_every or not acc.is_main_process:
+        return None
+    if evaluator is None or val_conditions is None:
+        raise UserError("params.yaml: train.eval_every needs an evaluator and val conditions")
+    return ValProbe(cfg, noise, evaluator, val_conditions, acc.device,
+                    vae.to(acc.device) if vae is not None else None)
+
+
+def _loop(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, labels: torch.Tensor,
+          cfg: TrainConfig, probe: ValProbe | None, live: Live | None, save_checkpoint) -> tuple:
+    """Steps from run.step to cfg.max_steps: logs to `live`, probes val every cfg.eval_every steps
+    and calls save_checkpoint() every cfg.checkpoint_every steps and at the end.
+    Returns (smoothed loss, last val_accuracy or None, evaluation seconds, wall seconds)."""
+    t0, start, loss_avg, val_acc, eval_seconds = time.perf_counter(), run.step, math.nan, None, 0.0
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not acc.is_main_process)
+    while run.step < cfg.max_steps:
+        t_step = time.perf_counter()
+        loss = train_step(acc, model, opt, run, noise, x_all, labels, cfg)
+        run.train_seconds += time.perf_counter() - t_step
+        loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
+        rate = (run.step - start) * cfg.batch_size * acc.num_processes / (time.perf_counter() - t0 - eval_seconds)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{rate:.0f}", refresh=False)
+        if run.step % cfg.log_every == 0:
+            _log(live, run.step, {"loss": loss, "loss_smooth": loss_avg, "lr": run.lr_sched.get_last_lr()[0],
+                                  "images_per_second": rate})
+        if probe is not None and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
+            t_eval = time.perf_counter()
+            val_acc = probe(run.ema_model().to(acc.device))
+            eval_seconds += time.perf_counter() - t_eval
+            _log(live, run.step, {"val_accuracy": val_acc, "train_minutes": run.train_seconds / 60})
+        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps:
+            save_checkpoint()
+    bar.close()
+    return loss_avg, val_acc, eval_seconds, time.perf_counter() - t0
+
+
 def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, data_path,
           out_dir, ckpt_dir, live_dir, evaluator=None, val_conditions=None, autoencoder=None) -> dict:
     """Train from the tensor file; write the EMA model to out_dir (save_pretrained).
@@ -222,56 +270,32 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     run_settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     fp = fingerprint(run_settings, model_kw, diffusion_kw, schedule, acc.num_processes, len(images),
                      *([vae_config] if vae_config else []))
-    state = load_checkpoint(ckpt, fp)
-    if resumed := state is not None:
-        run.load(state, acc.process_index)
-        print(f"{ckpt}: resuming at step {run.step} (process {acc.process_index})")
-    probe = None
-    if cfg.eval_every and acc.is_main_process:
-        if evaluator is None or val_conditions is None:
-            raise UserError("params.yaml: train.eval_every needs an evaluator and val conditions")
-        probe = ValProbe(cfg, noise, evaluator, val_conditions, acc.device,
-                         vae.to(acc.device) if vae is not None else None)
+    resumed = run.resume(ckpt, fp, acc.process_index)
+    probe = _probe(cfg, acc, noise, evaluator, val_conditions, vae)
     # The LR schedule is not prepared: accelerate would step it once per process, and every
     # process here runs all max_steps (each draws its own batches).
     model, opt = acc.prepare(run.model, run.opt)
     run.ema.to(acc.device)
     live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None) if acc.is_main_process else None
-    n_params = sum(p.numel() for p in run.model.parameters())
-    t0, start, loss_avg, val_acc, eval_seconds = time.perf_counter(), run.step, math.nan, None, 0.0
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not acc.is_main_process)
-    while run.step < cfg.max_steps:
-        t_step = time.perf_counter()
-        loss = train_step(acc, model, opt, run, noise, x_all, labels, cfg)
-        run.train_seconds += time.perf_counter() - t_step
-        loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
-        rate = (run.step - start) * cfg.batch_size * acc.num_processes / (time.perf_counter() - t0 - eval_seconds)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{rate:.0f}", refresh=False)
-        if run.step % cfg.log_every == 0:
-            _log(live, run.step, {"loss": loss, "loss_smooth": loss_avg, "lr": run.lr_sched.get_last_lr()[0],
-                                  "images_per_second": rate})
-        if probe is not None and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
-            t_eval = time.perf_counter()
-            val_acc = probe(run.ema_model().to(acc.device))
-            eval_seconds += time.perf_counter() - t_eval
-            _log(live, run.step, {"val_accuracy": val_acc, "train_minutes": run.train_seconds / 60})
-        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps:
-            rngs = gather_object([run.gen.get_state()])  # every rank's batch RNG, by rank
-            if acc.is_main_process:
-                save_torch(run.state(fp, rngs), ckpt)
-    bar.close()
-    seconds = time.perf_counter() - t0
+
+    def save_checkpoint():
+        rngs = gather_object([run.gen.get_state()])  # every rank's batch RNG, by rank
+        if acc.is_main_process:
+            save_torch(run.state(fp, rngs), ckpt)
+
+    start = run.step
+    loss_avg, val_acc, eval_seconds, seconds = _loop(acc, model, opt, run, noise, x_all, labels, cfg,
+                                                     probe, live, save_checkpoint)
     _check_in_sync(acc, run.model)
     if not acc.is_main_process:
         return None
     save_pipeline(run.ema_model(), noise, cfg, out_dir, vae.cpu() if vae is not None else None)
     live.end()
     steps_run = run.step - start
+    images_per_s = steps_run * cfg.batch_size * acc.num_processes / max(seconds - eval_seconds, 1e-9)
     return {"steps": run.step, "steps_this_run": steps_run,
             "images_seen": run.step * cfg.batch_size * acc.num_processes,
             "wall_seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1),
-            "images_per_second": round(steps_run * cfg.batch_size * acc.num_processes
-                                       / max(seconds - eval_seconds, 1e-9), 1),
-            "parameters": n_params, "loss_smooth": round(loss_avg, 5),
+            "images_per_second": round(images_per_s, 1),
+            "parameters": sum(p.numel() for p in run.model.parameters()), "loss_smooth": round(loss_avg, 5),
             **({"val_accuracy": round(val_acc, 4)} if val_acc is not None else {})}
