@@ -1,5 +1,6 @@
 """benchmarks/side_by_side.py: variant specs become the params.yaml each variant runs with."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,22 @@ def test_written_variant_folders_hold_their_params(sbs, tmp_path):
     assert sbs.write_variants(tmp_path, ["a=train.lr=0.0042", "b="]) == ["a", "b"]
     assert yaml.safe_load((tmp_path / "a" / "params.yaml").read_text())["train"]["lr"] == 0.0042
     assert (tmp_path / "b" / "params.yaml").exists()
+
+
+def test_a_failed_variant_leaves_the_others_scored(sbs, tmp_path, monkeypatch, capsys):
+    class Train:  # stands in for stages/train.py: "bad" exits 1, "good" writes its train.json
+        def __init__(self, cmd, cwd, **kw):
+            self.rc = int(Path(cwd).name == "bad")
+            if not self.rc:
+                (Path(cwd) / "train.json").write_text(json.dumps(
+                    {"steps": 8, "wall_seconds": 70.0, "eval_seconds": 10.0, "images_per_second": 3.2}))
+
+        def wait(self):
+            return self.rc
+    monkeypatch.setattr(sbs.subprocess, "Popen", Train)
+    monkeypatch.setattr(sbs, "score_val", lambda d, *a: {"accuracy": 0.5, "hits": 259, "labels": 518})
+    with pytest.raises(SystemExit, match=r"training failed: .*bad/train\.log"):
+        sbs.side_by_side(str(tmp_path), "bad=train.lr=1", "good=", ev=Path("ev"), ae=Path("ae"))
+    out = capsys.readouterr().out
+    assert f"| bad | training failed: {tmp_path / 'bad' / 'train.log'} |" in out
+    assert "| good | 8 | 1.0 | 3.2 | - | 0.5 (259/518) |" in out
