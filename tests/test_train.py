@@ -135,3 +135,15 @@ def test_ema_power_sets_the_averaging_window(power, mean):
     ema = run.ema.shadow_params[0].flatten()[0].item()
     assert ema == pytest.approx(expected, rel=1e-5)
     assert ema == pytest.approx(mean, abs=0.01)  # the longer window (0.75) lags further behind 49
+
+
+def test_adam_beta2_sets_the_second_moment_average():
+    # AdamW's v after gradients 1 then 3: beta2 (1 - beta2) 1^2 + (1 - beta2) 3^2
+    run = T.Run(_cfg(adam_beta2=0.9), model_kwargs({"preset": "tiny"}))
+    p = next(run.model.parameters())
+    for g in (1.0, 3.0):
+        run.opt.zero_grad(set_to_none=False)
+        p.grad = torch.full_like(p, g)
+        run.opt.step()
+    v = run.opt.state[p]["exp_avg_sq"].flatten()[0].item()
+    assert v == pytest.approx(0.9 * 0.1 * 1 + 0.1 * 9, rel=1e-6)  # 0.999 would give 0.010

@@ -43,6 +43,7 @@ class TrainConfig:
     lr_schedule: str = "cosine_warmup"
     warmup_steps: int = 200
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999      # AdamW's second-moment decay (its first stays 0.9)
     grad_clip: float = 1.0
     ema_decay: float = 0.999       # the cap of the EMA decay
     ema_power: float = 2 / 3       # warm-up: decay = min(ema_decay, 1 - (1 + step)^-ema_power)
@@ -87,7 +88,8 @@ class Run:
         self.model = ConditionalUNet(**model_kw)
         self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power,
                             model_cls=ConditionalUNet, model_config=self.model.config)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                     weight_decay=cfg.weight_decay)
         self.lr_sched = _lr_scheduler(cfg, self.opt)
         self.gen = torch.Generator().manual_seed(cfg.seed + seed_offset)
         self.step = 0
