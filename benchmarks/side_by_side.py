@@ -85,19 +85,19 @@ def side_by_side(out: str, *specs: str, ev: Path, ae: Path, threads: int = 1) ->
         cmd = stage("train", ROOT / "data/processed/iclevr.pt", "ddpm", "ckpt", "live", "train.json", ev, VAL, ae)
         runs[name] = subprocess.Popen(cmd, cwd=out / name, env=dict(env, OMP_NUM_THREADS=str(threads)),
                                       stdout=open(out / name / "train.log", "w"), stderr=subprocess.STDOUT)
-    failed = [out / name / "train.log" for name, proc in runs.items() if proc.wait()]
+    failed = [name for name, proc in runs.items() if proc.wait()]
     print("| variant | steps | train minutes | images/s | val_accuracy in training | val (all) |")
     print("|---|---|---|---|---|---|")
     for name in runs:  # one after the other, on all cores; a failed variant costs no other its row
         d = out / name
-        if d / "train.log" in failed:
+        if name in failed:
             print(f"| {name} | training failed: {d / 'train.log'} | | | | |", flush=True)
             continue
         v, t = score_val(d, d / "ddpm", ev, env), json.loads((d / "train.json").read_text())
         print(f"| {name} | {t['steps']} | {(t['wall_seconds'] - t['eval_seconds']) / 60:.1f} | "
               f"{t['images_per_second']} | {t.get('val_accuracy', '-')} | {v['accuracy']} ({v['hits']}/{v['labels']}) |", flush=True)
     if failed:
-        raise SystemExit("training failed: " + ", ".join(map(str, failed)))
+        raise SystemExit("training failed: " + ", ".join(str(out / name / "train.log") for name in failed))
 
 
 if __name__ == "__main__":
