@@ -19,7 +19,7 @@ from iclevr_ddpm.io import load_torch
 from iclevr_ddpm.diffusion import diffusion_loss, noise_scheduler
 from iclevr_ddpm.evaluator import bce_loss, build_evaluator
 from iclevr_ddpm.labels import NUM_LABELS
-from iclevr_ddpm.model import ConditionalUNet, model_kwargs
+from iclevr_ddpm.model import ConditionalUNet, exact_attention, model_kwargs
 
 
 def _steps_rate(loss_fn, model, lr: float, batch: int, steps: int, warmup: int) -> float:
@@ -47,8 +47,8 @@ def train_rate(preset: str, batch: int, steps: int, channels_last: bool = False,
     x, y = (torch.rand(batch, in_channels, res, res) * 2 - 1).contiguous(memory_format=fmt), torch.zeros(batch, NUM_LABELS)
 
     def loss():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return diffusion_loss(net, sched, x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), exact_attention(x.device):
+            return diffusion_loss(net, sched, x, y)  # as train_step
     rate = _steps_rate(loss, model, 1e-4, batch, steps, warmup=3 if compiled else 1)
     n = sum(p.numel() for p in model.parameters()) / 1e6
     patch = f" patch {model.config.patch_size}" if model.config.patch_size > 1 else ""

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from iclevr_ddpm.data import load_processed, resize, to_model_range
 from iclevr_ddpm.diffusion import (SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, sample_timesteps,
                                   sampler_scheduler, snr)
 from iclevr_ddpm.labels import INDEX, multi_hot
-from iclevr_ddpm.model import CONDITIONING, ConditionalUNet, attribute_matrix, model_kwargs
+from iclevr_ddpm.model import CONDITIONING, ConditionalUNet, attribute_matrix, exact_attention, model_kwargs
 from iclevr_ddpm.train import TrainConfig
 
 
@@ -110,6 +111,25 @@ def test_cpu_patch_preset_is_the_cpu_unet_on_folded_64x64_images():
     y[0, 3] = y[1, [1, 20]] = 1
     with torch.no_grad():
         assert m(torch.randn(2, 3, 64, 64), torch.tensor([10, 900]), y).shape == (2, 3, 64, 64)
+
+
+def test_exact_attention_gives_float64_gradients_at_large_logits():
+    # q, k ~ 1000, as the mid block's late in a run: torch's fused CPU kernel is 24-54% off here
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, grad_out = (torch.randn(2, 1, 16, 32, generator=gen, dtype=torch.float64) for _ in range(4))
+    q, k = q * 1000, k * 1000
+
+    def grads(dtype, context):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        with context:
+            out = torch.nn.functional.scaled_dot_product_attention(*inputs)
+        out.backward(grad_out.to(dtype))
+        return torch.cat([t.grad.double().flatten() for t in inputs])
+
+    exact = grads(torch.float64, contextlib.nullcontext())
+    ours = grads(torch.float32, exact_attention(torch.device("cpu")))
+    assert (ours - exact).norm() / exact.norm() < 1e-4
+    assert isinstance(exact_attention(torch.device("cuda")), contextlib.nullcontext)  # GPU kernels: torch's choice
 
 
 def test_report_preset_size():

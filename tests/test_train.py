@@ -80,6 +80,15 @@ def test_timestep_sampling_reaches_the_loss(tiny_processed, tmp_path, monkeypatc
     assert ((t > 400) & (t < 600)).all(), t  # sigmoid(N(0, 0.1^2)) * 1000 stays within 500 +- 100
 
 
+def test_training_attention_runs_on_the_exact_kernel(tiny_processed, tmp_path, monkeypatch):
+    # the fused CPU kernel's gradients are wrong at large logits (model.exact_attention)
+    fused, real = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: fused.append(torch.backends.cuda.flash_sdp_enabled()) or real(*a, **kw))
+    _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(max_steps=3), "exact")
+    assert len(fused) >= 3 * 3 and not any(fused)  # >= 3 attention layers per step, none fused
+
+
 def _tiny_evaluator_and_val(tmp, processed):
     """A (random) evaluator file and the tiny set's val.json: what the probe needs."""
     from iclevr_ddpm.evaluator import build_evaluator, save_evaluator

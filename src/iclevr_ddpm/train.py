@@ -25,7 +25,7 @@ from .diffusion import TIMESTEP_SAMPLING, diffusion_loss, noise_scheduler, sampl
 from .errors import UserError
 from .evaluator import accuracy, load_evaluator, predict
 from .io import atomic_dir, load_checkpoint, save_torch
-from .model import ConditionalUNet
+from .model import ConditionalUNet, exact_attention
 from .pipeline import IclevrPipeline
 from .sampling import SampleConfig, generate
 
@@ -152,7 +152,7 @@ def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tenso
     idx = torch.randint(len(x_all), (cfg.batch_size,), generator=run.gen)
     x0, y = x_all[idx].to(acc.device), labels[idx].clone()
     y[torch.rand(len(y), generator=run.gen) < cfg.p_uncond] = 0.0  # label dropout -> null condition
-    with acc.autocast():
+    with acc.autocast(), exact_attention(acc.device):
         loss = diffusion_loss(model, noise, x0, y.to(acc.device), cfg.snr_gamma, run.gen,
                               cfg.timestep_sampling, cfg.logit_std)
     if not torch.isfinite(loss):
