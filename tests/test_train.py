@@ -69,6 +69,23 @@ def test_nan_loss_names_the_step(tiny_processed, tmp_path, monkeypatch):
         _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(), "nan")
 
 
+def test_a_collapsing_loss_stops_training_with_its_step(tiny_processed, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = T.diffusion_loss
+
+    def jump_after_eight(*a, **kw):  # the loss 100x higher from step 9 on, finite throughout
+        calls["n"] += 1
+        return real(*a, **kw) * (100.0 if calls["n"] > 8 else 1.0)
+
+    monkeypatch.setattr(T, "diffusion_loss", jump_after_eight)
+    with pytest.raises(FloatingPointError, match=r"training collapsed at step \d+: .* over 5 times") as e:
+        _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(), "collapse")
+    assert 9 <= int(str(e.value).split()[4].rstrip(":")) <= 16  # after the jump, within a few steps
+    calls["n"] = 0
+    _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(collapse_factor=0.0), "unchecked")  # off: runs through
+    assert calls["n"] == 20
+
+
 def test_timestep_sampling_reaches_the_loss(tiny_processed, tmp_path, monkeypatch):
     import iclevr_ddpm.diffusion as D
     drawn, real = [], D.sample_timesteps

@@ -45,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_beta2: float = 0.999      # AdamW's second-moment decay (its first stays 0.9)
     grad_clip: float = 1.0
+    collapse_factor: float = 5.0   # stop when the smoothed loss passes this times its low since warm-up
     ema_decay: float = 0.999       # the cap of the EMA decay
     ema_power: float = 2 / 3       # warm-up: decay = min(ema_decay, 1 - (1 + step)^-ema_power)
     p_uncond: float = 0.1          # label dropout for classifier-free guidance
@@ -66,7 +67,8 @@ class TrainConfig:
 
 # settings that change neither the trained weights nor their order of updates: a checkpoint
 # written under other values of these is resumed
-NOT_FINGERPRINTED = ("checkpoint_every", "log_every", "eval_every", "eval_images", "eval_sample")
+NOT_FINGERPRINTED = ("checkpoint_every", "log_every", "eval_every", "eval_images", "eval_sample",
+                     "collapse_factor")
 
 
 def _accelerator(cfg: TrainConfig) -> Accelerator:
@@ -212,18 +214,33 @@ def _probe(cfg: TrainConfig, acc: Accelerator, noise, evaluator, val_conditions,
                     vae.to(acc.device) if vae is not None else None)
 
 
+def _check_collapse(cfg: TrainConfig, step: int, loss_avg: float, low: float) -> float:
+    """Raise when the smoothed loss has risen to cfg.collapse_factor times its lowest since
+    warm-up; return the new lowest. A collapsed run (lr too high: the loss jumps from ~0.005 to
+    0.1-0.5 and stays there) need not reach a NaN; finished runs here rose at most 1.4x."""
+    if step <= cfg.warmup_steps or not cfg.collapse_factor:
+        return low
+    if loss_avg > cfg.collapse_factor * low:
+        raise FloatingPointError(f"training collapsed at step {step}: smoothed loss {loss_avg:.4g} is over "
+                                 f"{cfg.collapse_factor:g} times its lowest since warm-up ({low:.4g}); "
+                                 f"try a lower train.lr (train.collapse_factor: 0 turns this check off)")
+    return min(low, loss_avg)
+
+
 def _loop(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, labels: torch.Tensor,
           cfg: TrainConfig, probe: ValProbe | None, live: Live | None, save_checkpoint) -> tuple:
     """Steps from run.step to cfg.max_steps: logs to `live`, probes val every cfg.eval_every steps
     and calls save_checkpoint() every cfg.checkpoint_every steps and at the end.
     Returns (smoothed loss, last val_accuracy or None, evaluation seconds, wall seconds)."""
     t0, start, loss_avg, val_acc, eval_seconds = time.perf_counter(), run.step, math.nan, None, 0.0
+    low = math.inf  # the lowest smoothed loss since warm-up
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not acc.is_main_process)
     while run.step < cfg.max_steps:
         t_step = time.perf_counter()
         loss = train_step(acc, model, opt, run, noise, x_all, labels, cfg)
         run.train_seconds += time.perf_counter() - t_step
         loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
+        low = _check_collapse(cfg, run.step, loss_avg, low)
         rate = (run.step - start) * cfg.batch_size * acc.num_processes / (time.perf_counter() - t0 - eval_seconds)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{rate:.0f}", refresh=False)
