@@ -7,7 +7,7 @@ import torch
 
 import iclevr_ddpm.autoencoder as A
 from iclevr_ddpm import train as T
-from iclevr_ddpm.data import load_processed, to_model_range
+from iclevr_ddpm.data import load_processed, object_mask, to_model_range
 from iclevr_ddpm.errors import UserError
 from iclevr_ddpm.evaluator import build_evaluator, save_evaluator
 from iclevr_ddpm.model import model_kwargs, model_space
@@ -38,7 +38,7 @@ def test_round_trip_shape_range_and_unit_scaled_latents(tiny_processed):
 def test_object_mask_marks_the_objects_not_the_floor():
     x = torch.linspace(-0.3, 0.1, 64).expand(2, 3, 64, 64).clone()  # a floor with a gradient
     x[0, :, 20:26, 30:36] = torch.tensor([0.8, -0.8, -0.8])[:, None, None]  # a small red object
-    m = A.object_mask(x)
+    m = object_mask(x)
     assert m.shape == (2, 1, 64, 64)
     assert m[0, 0, 20:26, 30:36].all() and m[1].sum() == 0  # the object; a bare floor has none
     far = torch.ones(64, 64, dtype=torch.bool)
@@ -120,6 +120,10 @@ def test_latent_path_trains_probes_and_samples_end_to_end(tiny_processed, tmp_pa
     cfg = T.TrainConfig(max_steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=2, device="cpu",
                         eval_every=2, eval_images=3, eval_sample={"steps": 2, "frames": 2, "batch_size": 3})
     kw = model_kwargs({"space": "latent", "preset": "tiny"})
+    with pytest.raises(UserError, match="train.object_weight is 2.0; it weights image pixels"):
+        T.train(T.TrainConfig(object_weight=2.0, device="cpu"), kw, {}, "cosine", data, tmp_path / "m",
+                tmp_path / "c", tmp_path / "live", autoencoder=tmp_path / "ae")
+    assert not (tmp_path / "m").exists()
     res = T.train(cfg, kw, {}, "cosine", data, tmp_path / "m", tmp_path / "c", tmp_path / "live", ev,
                   processed / "val.json", autoencoder=tmp_path / "ae")
     assert 0 <= res["val_accuracy"] <= 1

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from iclevr_ddpm.config import from_params
-from iclevr_ddpm.data import load_processed, resize, to_model_range
+from iclevr_ddpm.data import load_processed, object_mask, resize, to_model_range
 from iclevr_ddpm.diffusion import (SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, sample_timesteps,
                                   sampler_scheduler, snr)
+from iclevr_ddpm.errors import UserError
 from iclevr_ddpm.labels import INDEX, multi_hot
 from iclevr_ddpm.model import CONDITIONING, ConditionalUNet, attribute_matrix, exact_attention, model_kwargs
 from iclevr_ddpm.train import TrainConfig
@@ -210,6 +211,23 @@ def test_logit_normal_timesteps_favour_the_middle_noise_levels():
     assert abs(ln.float().mean().item() - 499.5) < 10  # symmetric about T / 2
     wide = sample_timesteps(20000, 1000, "logit_normal", 2.0, generator=g())
     assert mid(wide) < mid(ln)  # a larger logit_std spreads toward the ends
+
+
+def test_object_weight_is_a_weighted_mean_over_the_object_pixels():
+    sched = noise_scheduler("cosine", prediction_type="epsilon")
+    x0 = torch.full((2, 3, 16, 16), -0.2)  # image 0: a floor with one 3x3 red object; image 1: bare
+    x0[0, :, 5:8, 6:9] = torch.tensor([0.8, -0.8, -0.8])[:, None, None]
+    mask = object_mask(x0)
+    f = mask[0].mean().item()  # the share of image 0 marked as object
+    assert mask[1].sum() == 0 and 9 / 256 <= f < 0.2
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))  # what the loss draws first
+    off_by_one_on_objects = lambda xt, t, y: noise + mask  # exact everywhere else
+    loss = lambda w: diffusion_loss(off_by_one_on_objects, sched, x0, torch.zeros(2, 24), snr_gamma=None,
+                                    generator=torch.Generator().manual_seed(1), object_weight=w).item()
+    assert loss(0.0) == pytest.approx(f / 2, rel=1e-5)  # mean over pixels, then images
+    assert loss(10.0) == pytest.approx(11 * f / (1 + 10 * f) / 2, rel=1e-5)
+    with pytest.raises(UserError, match="train.object_weight is -1"):
+        TrainConfig(object_weight=-1)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

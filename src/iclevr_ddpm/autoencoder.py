@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderTiny
 from diffusers.optimization import get_scheduler
@@ -17,7 +16,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from .config import check_choice, fingerprint, resolve_device
-from .data import load_processed, to_model_range, to_uint8
+from .data import load_processed, object_mask, to_model_range, to_uint8
 from .errors import UserError
 from .evaluator import accuracy, load_evaluator, predict
 from .io import atomic_dir, load_checkpoint, save_torch
@@ -77,14 +76,6 @@ def decode(ae: AutoencoderTiny, z: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, C, s, s) -> images (B, 3, s*f, s*f) in [-1, 1]."""
     z = z.to(next(ae.parameters()).device) / ae.config.scaling_factor + ae.config.shift_factor
     return ae.decode(z).sample.clamp(-1, 1)
-
-
-def object_mask(x: torch.Tensor, radius: int = 7, threshold: float = 0.1) -> torch.Tensor:
-    """(B, 1, S, S) in {0, 1}: pixels of x (B, 3, S, S) in [-1, 1] that differ from the local
-    background (a (2r+1)^2 box mean, which objects a few pixels wide barely move) by > threshold
-    in some channel: the objects, their edges and shadows."""
-    bg = F.avg_pool2d(F.pad(x, (radius,) * 4, mode="replicate"), 2 * radius + 1, stride=1)
-    return ((x - bg).abs().amax(1, keepdim=True) > threshold).to(x.dtype)
 
 
 def reconstruction_loss(ae: AutoencoderTiny, x: torch.Tensor, object_weight: float = 0.0) -> torch.Tensor:

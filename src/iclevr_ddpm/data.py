@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -152,6 +153,14 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size:
         return x
     if x.shape[-1] > size:
-        return torch.nn.functional.interpolate(x, size=(size, size), mode="area")
-    up = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        return F.interpolate(x, size=(size, size), mode="area")
+    up = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
     return up.clamp(-1, 1)
+
+
+def object_mask(x: torch.Tensor, radius: int = 7, threshold: float = 0.1) -> torch.Tensor:
+    """(B, 1, S, S) in {0, 1}: pixels of x (B, 3, S, S) in [-1, 1] that differ from the local
+    background (a (2r+1)^2 box mean, which objects a few pixels wide barely move) by > threshold
+    in some channel: the objects, their edges and shadows."""
+    bg = F.avg_pool2d(F.pad(x, (radius,) * 4, mode="replicate"), 2 * radius + 1, stride=1)
+    return ((x - bg).abs().amax(1, keepdim=True) > threshold).to(x.dtype)

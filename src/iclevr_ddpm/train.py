@@ -52,6 +52,7 @@ class TrainConfig:
     snr_gamma: float = 5.0         # min-SNR loss weighting; 0 turns it off
     timestep_sampling: str = "uniform"  # uniform | logit_normal (diffusion.sample_timesteps)
     logit_std: float = 1.0         # spread of logit_normal
+    object_weight: float = 0.0     # pixel loss weight 1 + w on objects (diffusion_loss); pixel space only
     checkpoint_every: int = 250
     log_every: int = 10
     eval_every: int = 0            # steps between val_accuracy measurements (0 = never)
@@ -62,6 +63,8 @@ class TrainConfig:
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         check_choice("train.mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.object_weight < 0:
+            raise UserError(f"params.yaml: train.object_weight is {self.object_weight}; expected >= 0 (0 = off)")
         from_params(SampleConfig, self.eval_sample, "train.eval_sample")  # fail at start on a bad key
 
 
@@ -156,7 +159,7 @@ def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tenso
     y[torch.rand(len(y), generator=run.gen) < cfg.p_uncond] = 0.0  # label dropout -> null condition
     with acc.autocast(), exact_attention(acc.device):
         loss = diffusion_loss(model, noise, x0, y.to(acc.device), cfg.snr_gamma, run.gen,
-                              cfg.timestep_sampling, cfg.logit_std)
+                              cfg.timestep_sampling, cfg.logit_std, cfg.object_weight)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss.item()} at step {run.step + 1}; "
                                  f"try a lower train.lr or train.grad_clip")
@@ -277,6 +280,9 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     images, labels = load_processed(data_path, "train")
     vae, vae_config = None, None
     if autoencoder is not None:
+        if cfg.object_weight:
+            raise UserError(f"params.yaml: train.object_weight is {cfg.object_weight}; it weights image "
+                            f"pixels, so it needs model.space: pixel (or 0 for latent diffusion)")
         vae = load_autoencoder(autoencoder)
         x_all = encode(vae, to_model_range(images))  # once, in memory: (N, C, R/f, R/f)
         model_kw = {**model_kw, "resolution": x_all.shape[-1], "in_channels": x_all.shape[1]}
