@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -280,9 +280,10 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     images, labels = load_processed(data_path, "train")
     vae, vae_config = None, None
     if autoencoder is not None:
-        if cfg.object_weight:
-            raise UserError(f"params.yaml: train.object_weight is {cfg.object_weight}; it weights image "
-                            f"pixels, so it needs model.space: pixel (or 0 for latent diffusion)")
+        if cfg.object_weight:  # a default of the pixel recipe: `-S model.space=latent` must still run
+            print(f"train.object_weight {cfg.object_weight} weights image pixels; latent diffusion "
+                  f"trains without it")
+            cfg = replace(cfg, object_weight=0.0)
         vae = load_autoencoder(autoencoder)
         x_all = encode(vae, to_model_range(images))  # once, in memory: (N, C, R/f, R/f)
         model_kw = {**model_kw, "resolution": x_all.shape[-1], "in_channels": x_all.shape[1]}
