@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from iclevr_ddpm import labels as L
-from iclevr_ddpm.data import DataError, load_processed, preprocess, resize, val_split
+from iclevr_ddpm.data import DataError, load_processed, object_mask, preprocess, resize, to_model_range, val_split
 
 
 def test_preprocess_synthetic(tiny_raw, tiny_processed):
@@ -130,3 +130,18 @@ def test_resize_round_trip_keeps_range():
     y = resize(resize(x, 32), 64)
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
     assert torch.allclose(resize(torch.full((1, 3, 64, 64), 0.5), 32), torch.full((1, 3, 32, 32), 0.5))
+
+
+def test_object_mask_is_the_threshold_on_a_15x15_box_mean():
+    """The separable box mean gives the mask of the direct 15x15 mean, edges (replicate) included."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(90, 110, (4, 3, 64, 64), generator=g, dtype=torch.uint8)  # a noisy floor
+    for i, (r, c) in enumerate([(0, 0), (30, 40), (58, 5), (20, 58)]):  # objects at corners and edges
+        img[i, :, r:r + 6, c:c + 6] = torch.randint(0, 256, (3, 1, 1), generator=g, dtype=torch.uint8)
+    x = to_model_range(img)
+    padded = torch.nn.functional.pad(x, (7,) * 4, mode="replicate")
+    direct = (x - torch.nn.functional.avg_pool2d(padded, 15, stride=1)).abs().amax(1, keepdim=True) > 0.1
+    m = object_mask(x)
+    assert m.shape == (4, 1, 64, 64) and m.dtype == x.dtype
+    assert torch.equal(m.bool(), direct)
+    assert 36 <= m.sum() / 4 < 400  # each object is marked (6x6), the floor's noise (+-0.16) mostly not
