@@ -4,7 +4,8 @@
 
 Runs stages/train.py with the project's params.yaml (val probe off) for STEPS steps: once as
 one process on every core, once as `accelerate launch --multi_gpu --num_processes 2` with
-the cores split between them, and prints images/s for each. Needs data/processed/iclevr.pt.
+the cores split between them and train.batch_size halved per process (the same recipe: the
+same global batch), and prints images/s for each. Needs data/processed/iclevr.pt.
 """
 import json
 import os
@@ -18,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [str(ROOT / "data/processed/iclevr.pt"), "m", "ck", "live", "train.json", "unused.pth",
-        str(ROOT / "data/processed/val.json")]
+        str(ROOT / "data/processed/val.json"), "unused_autoencoder"]
 
 
 def run(out: Path, steps: int, processes: int) -> dict:
@@ -26,7 +27,8 @@ def run(out: Path, steps: int, processes: int) -> dict:
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(max_steps=steps, eval_every=0, checkpoint_every=steps)
+    batch = params["train"]["batch_size"] // processes  # per process; the global batch stays
+    params["train"].update(max_steps=steps, eval_every=0, checkpoint_every=steps, batch_size=batch)
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     threads = max(1, torch.get_num_threads() // processes)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",

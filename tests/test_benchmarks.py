@@ -1,4 +1,5 @@
-"""benchmarks/side_by_side.py: variant specs become the params.yaml each variant runs with."""
+"""benchmarks/side_by_side.py: variant specs become the params.yaml each variant runs with;
+benchmarks/processes.py: what it launches."""
 import importlib.util
 import json
 from pathlib import Path
@@ -9,12 +10,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def sbs():
-    spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "benchmarks" / "side_by_side.py")
+def _load(path: Path):
+    """The script at path as a module (benchmarks/ and stages/ are not packages)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def sbs():
+    return _load(ROOT / "benchmarks" / "side_by_side.py")
 
 
 def test_variant_overrides_dotted_keys_with_yaml_values(sbs):
@@ -51,3 +57,23 @@ def test_a_failed_variant_leaves_the_others_scored(sbs, tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert f"| bad | training failed: {tmp_path / 'bad' / 'train.log'} |" in out
     assert "| good | 8 | 1.0 | 3.2 | - | 0.5 (259/518) |" in out
+
+
+def test_processes_runs_the_train_stage_with_its_arguments_and_the_global_batch(tmp_path, monkeypatch):
+    """benchmarks/processes.py: two processes get half the batch each, and the stage's full argument list."""
+    import inspect
+    procs, stage = _load(ROOT / "benchmarks" / "processes.py"), _load(ROOT / "stages" / "train.py")
+    calls = []
+
+    def fake_run(cmd, cwd, **kw):
+        calls.append(cmd)
+        (Path(cwd) / "train.json").write_text(json.dumps({"images_per_second": 1.0}))
+    monkeypatch.setattr(procs.subprocess, "run", fake_run)
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["batch_size"]
+    for n in (1, 2):
+        procs.run(tmp_path, 5, n)
+        written = yaml.safe_load((tmp_path / f"p{n}" / "params.yaml").read_text())["train"]
+        assert written["batch_size"] == base // n and written["max_steps"] == 5 and written["eval_every"] == 0
+        script = calls[-1].index(str(ROOT / "stages/train.py"))
+        assert len(calls[-1][script + 1:]) == len(inspect.signature(stage.main).parameters)
+    assert "--num_processes" in calls[1] and calls[1][calls[1].index("--num_processes") + 1] == "2"
