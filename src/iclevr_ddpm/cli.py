@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progression", metavar="PNG", help="also write the first condition's denoising steps")
     s.add_argument("--sampler", choices=SAMPLERS, default="dpmsolver++")
     s.add_argument("--steps", type=_positive, default=25)
-    s.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--guidance", type=float, default=6.0,
+                   help="classifier-free guidance scale (1 = none; 6: the default of params.yaml)")
     s.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                    help="guide only where LO <= t/T <= HI")
     s.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")

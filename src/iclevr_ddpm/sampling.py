@@ -23,7 +23,7 @@ from .pipeline import IclevrPipeline
 class SampleConfig:
     sampler: str = "dpmsolver++"   # ddpm | ddim | dpmsolver++ | unipc
     steps: int = 25
-    guidance: float = 7.0         # classifier-free guidance scale; 1 = conditional only (7: best on val)
+    guidance: float = 6.0         # classifier-free guidance scale; 1 = conditional only (6: best on val)
     guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # t/T where guidance applies
     seed: int = 0
     batch_size: int = 32
