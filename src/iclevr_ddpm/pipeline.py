@@ -74,7 +74,7 @@ class IclevrPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, conditions: list[list[str]] | list[str], num_inference_steps: int = 25,
-                 guidance_scale: float = 7.0, guidance_interval=(0.0, 1.0),
+                 guidance_scale: float = 6.0, guidance_interval=(0.0, 1.0),
                  generator: torch.Generator | list[torch.Generator] | None = None, image_size: int | None = None,
                  output_type: str = "pil", return_dict: bool = True):
         """Draw one image per condition (a list of object names, or a list of such lists).
