@@ -1,6 +1,7 @@
 """benchmarks/side_by_side.py: variant specs become the params.yaml each variant runs with;
 benchmarks/processes.py: what it launches."""
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 
@@ -61,7 +62,6 @@ def test_a_failed_variant_leaves_the_others_scored(sbs, tmp_path, monkeypatch, c
 
 def test_processes_runs_the_train_stage_with_its_arguments_and_the_global_batch(tmp_path, monkeypatch):
     """benchmarks/processes.py: two processes get half the batch each, and the stage's full argument list."""
-    import inspect
     procs, stage = _load(ROOT / "benchmarks" / "processes.py"), _load(ROOT / "stages" / "train.py")
     calls = []
 

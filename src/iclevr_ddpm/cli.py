@@ -63,6 +63,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .diffusion import SAMPLERS
+    from .sampling import SampleConfig as D  # its defaults are the CLI's
     p = _Parser(prog="iclevr-ddpm", description="Sample and score a trained iCLEVR DDPM outside the pipeline.",
                 epilog=f"A mistake prints one 'error:' line and exits 2; --traceback or {TRACEBACK_ENV}=1 "
                        "shows the traceback.")
@@ -78,15 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced)")
     s.add_argument("--grid", metavar="PNG", help="also write an 8-per-row grid")
     s.add_argument("--progression", metavar="PNG", help="also write the first condition's denoising steps")
-    s.add_argument("--sampler", choices=SAMPLERS, default="dpmsolver++")
-    s.add_argument("--steps", type=_positive, default=25)
-    s.add_argument("--guidance", type=float, default=6.0,
-                   help="classifier-free guidance scale (1 = none; 6: the default of params.yaml)")
+    s.add_argument("--sampler", choices=SAMPLERS, default=D.sampler)
+    s.add_argument("--steps", type=_positive, default=D.steps)
+    s.add_argument("--guidance", type=float, default=D.guidance, help="classifier-free guidance scale (1 = none)")
     s.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                    help="guide only where LO <= t/T <= HI")
-    s.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
-    s.add_argument("--batch-size", type=_positive, default=32)
-    s.add_argument("--size", type=_positive, default=64, help="output side in pixels")
+    s.add_argument("--seed", type=int, default=D.seed, help="image i uses seed SEED + i")
+    s.add_argument("--batch-size", type=_positive, default=D.batch_size)
+    s.add_argument("--size", type=_positive, default=D.out_size, help="output side in pixels")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.set_defaults(run=_sample, prog=s.prog)
     e = sub.add_parser("evaluate", help="score a folder of samples with the official metric",

@@ -30,6 +30,11 @@ class ModelFolderError(UserError):
     """A model folder is missing or is not a saved IclevrPipeline."""
 
 
+# The default classifier-free guidance scale (6: best on val with the object-weighted loss,
+# docs/image-quality.md); SampleConfig and the CLI default to it too.
+GUIDANCE = 6.0
+
+
 class IclevrPipeline(DiffusionPipeline):
     """Multi-label iCLEVR scenes from lists of object names ("red cube", ...; 1-3 per image).
 
@@ -74,7 +79,7 @@ class IclevrPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, conditions: list[list[str]] | list[str], num_inference_steps: int = 25,
-                 guidance_scale: float = 6.0, guidance_interval=(0.0, 1.0),
+                 guidance_scale: float = GUIDANCE, guidance_interval=(0.0, 1.0),
                  generator: torch.Generator | list[torch.Generator] | None = None, image_size: int | None = None,
                  output_type: str = "pil", return_dict: bool = True):
         """Draw one image per condition (a list of object names, or a list of such lists).

@@ -16,14 +16,14 @@ from .data import resize, to_pil, to_uint8
 from .diffusion import SAMPLERS, denoise, sampler_scheduler
 from .errors import UserError
 from .io import atomic_dir, save_image
-from .pipeline import IclevrPipeline
+from .pipeline import GUIDANCE, IclevrPipeline
 
 
 @dataclass
 class SampleConfig:
     sampler: str = "dpmsolver++"   # ddpm | ddim | dpmsolver++ | unipc
     steps: int = 25
-    guidance: float = 6.0         # classifier-free guidance scale; 1 = conditional only (6: best on val)
+    guidance: float = GUIDANCE    # classifier-free guidance scale; 1 = conditional only
     guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # t/T where guidance applies
     seed: int = 0
     batch_size: int = 32
