@@ -7,7 +7,6 @@ import contextlib
 import torch
 from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -120,9 +119,6 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             dropout=dropout, norm_num_groups=norm_num_groups,
             resnet_time_scale_shift="scale_shift" if conditioning == "scale_shift" else "default",
             class_embed_type="identity" if embed else None)
-        for m in self.unet.modules():
-            if isinstance(m, Attention):
-                m.set_processor(FP32AttnProcessor())
         time_dim = block_out_channels[0] * 4  # UNet2DModel's time-embedding width
         attrs = embed and label_features == "attributes"
         # labels (B, 24) -> [labels, labels @ A] (B, 35): colour and shape counts (attribute_matrix)
@@ -139,18 +135,6 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             labels = torch.cat([labels, labels @ self.attributes.to(labels.dtype)], dim=1)
         cond = self.label_proj(labels) if self.label_proj is not None else None
         return nn.functional.pixel_shuffle(self.unet(x, t, class_labels=cond).sample, self.config.patch_size)
-
-
-class FP32AttnProcessor(AttnProcessor2_0):
-    """diffusers' attention, in fp32 also inside bf16 autocast: late in a run at lr 2e-3 the mid
-    block's q and k reach ~1,000 (exact_attention), where bf16's 8-bit mantissa leaves errors of
-    several units in each logit. The default in bf16 without this collapsed at step 6,858
-    (docs/image-quality.md). At 8x8 tokens the fp32 block costs little."""
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, temb=None) -> torch.Tensor:
-        with torch.autocast(hidden_states.device.type, enabled=False):
-            return super().__call__(attn, hidden_states.float(), encoder_hidden_states, attention_mask, temb)
 
 
 def exact_attention(device: torch.device):
