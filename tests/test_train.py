@@ -31,7 +31,20 @@ def test_train_writes_model_metrics_and_dvclive(tiny_processed, tmp_path):
     assert (tmp_path / "a_model" / "scheduler" / "scheduler_config.json").exists()
     loss_rows = (tmp_path / "a_live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
     assert loss_rows[0].split("\t") == ["step", "loss"] and len(loss_rows) == 1 + 4
+    assert len(_grad_norms(tmp_path / "a_live")) == 4
     assert json.loads((tmp_path / "a_live" / "metrics.json").read_text())["step"] == 20
+
+
+def _grad_norms(live):
+    rows = (live / "plots" / "metrics" / "grad_norm.tsv").read_text().splitlines()
+    return [float(r.split("\t")[1]) for r in rows[1:]]
+
+
+def test_logged_gradient_norm_is_taken_before_clipping(tiny_processed, tmp_path):
+    data = tiny_processed[0] / "iclevr.pt"
+    _run(tmp_path, data, _cfg(max_steps=10, grad_clip=1e-4), "clipped")
+    norms = _grad_norms(tmp_path / "clipped_live")
+    assert len(norms) == 2 and all(1e-3 < n < 1e4 for n in norms)  # not the clip's 1e-4
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_processed, tmp_path, kill_after_first_save):

@@ -151,9 +151,9 @@ class ValProbe:
 
 
 def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, labels: torch.Tensor,
-               cfg: TrainConfig) -> float:
+               cfg: TrainConfig) -> tuple[float, float]:
     """One optimisation step on a random batch of x_all (N, C, R, R) (pixels in [-1, 1] or scaled
-    latents); returns the loss."""
+    latents); returns the loss and the gradient norm before clipping."""
     idx = torch.randint(len(x_all), (cfg.batch_size,), generator=run.gen)
     x0, y = x_all[idx].to(acc.device), labels[idx].clone()
     y[torch.rand(len(y), generator=run.gen) < cfg.p_uncond] = 0.0  # label dropout -> null condition
@@ -164,14 +164,14 @@ def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tenso
         raise FloatingPointError(f"training loss is {loss.item()} at step {run.step + 1}; "
                                  f"try a lower train.lr or train.grad_clip")
     acc.backward(loss)
-    if cfg.grad_clip:
-        acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    # the norm is logged: a collapse shows in it first. An infinite max_norm clips nothing.
+    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     opt.step()
     run.lr_sched.step()
     opt.zero_grad(set_to_none=True)
     run.ema.step(acc.unwrap_model(model).parameters())
     run.step += 1
-    return loss.item()
+    return loss.item(), float(grad_norm)
 
 
 def _log(live: Live | None, step: int, metrics: dict) -> None:
@@ -240,7 +240,7 @@ def _loop(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, la
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not acc.is_main_process)
     while run.step < cfg.max_steps:
         t_step = time.perf_counter()
-        loss = train_step(acc, model, opt, run, noise, x_all, labels, cfg)
+        loss, grad_norm = train_step(acc, model, opt, run, noise, x_all, labels, cfg)
         run.train_seconds += time.perf_counter() - t_step
         loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
         low = _check_collapse(cfg, run.step, loss_avg, low)
@@ -249,7 +249,7 @@ def _loop(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, la
         bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{rate:.0f}", refresh=False)
         if run.step % cfg.log_every == 0:
             _log(live, run.step, {"loss": loss, "loss_smooth": loss_avg, "lr": run.lr_sched.get_last_lr()[0],
-                                  "images_per_second": rate})
+                                  "grad_norm": grad_norm, "images_per_second": rate})
         if probe is not None and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
             t_eval = time.perf_counter()
             val_acc = probe(run.ema_model().to(acc.device))
