@@ -11,6 +11,15 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "iclevr"
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))  # the 2 cores here, or fewer
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one state per process, its mixed precision fixed at the first
+    Accelerator: each stage runs in its own process, while tests train many times in one."""
+    yield
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def official():
     """Folder with the official objects.json, train.json, test.json, new_test.json."""

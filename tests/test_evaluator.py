@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from iclevr_ddpm import config
 from iclevr_ddpm import evaluator as ev
 from iclevr_ddpm.config import resolve_precision
 from iclevr_ddpm.errors import UserError
@@ -88,19 +89,26 @@ def test_augment_moves_whole_pixels_without_blur():
 def test_precision_choices():
     assert resolve_precision("no", "cpu", cpu_bf16=True) == "no"
     assert resolve_precision("bf16", "cpu") == "bf16"
-    assert resolve_precision("auto", "cpu") == "no"  # the DDPM keeps fp32 on the CPU
+    assert resolve_precision("auto", "cpu") == "no"  # bf16 on the CPU only for callers that time it
     with pytest.raises(ValueError, match="evaluator.mixed_precision 'fp8'"):
         EvaluatorConfig(mixed_precision="fp8")
 
 
 def test_auto_precision_is_the_faster_one_measured(monkeypatch):
+    clock = [0.0]  # a fake clock that each step advances by its precision's cost
+    monkeypatch.setattr(config.time, "perf_counter", lambda: clock[0])
+    for bf16_seconds, want in ((0.5, True), (2.0, False)):
+        calls = []
+
+        def step(bf16, s=bf16_seconds):
+            calls.append(bf16)
+            clock[0] += s if bf16 else 1.0
+        assert config.faster_precision(step, steps=3) == (want, {"fp32": 1.0, "bf16": bf16_seconds})
+        assert calls == [False] * 4 + [True] * 4  # one untimed step of each first
+    monkeypatch.undo()
+    # the real timing of the evaluator: on a copy (model unchanged)
     model = build_evaluator()
     x, y = torch.zeros(2, 3, 64, 64), torch.zeros(2, NUM_LABELS)
-    for bf16_seconds, want in ((0.5, True), (2.0, False)):
-        monkeypatch.setattr(ev, "_seconds_per_step", lambda m, x, y, bf16, steps, s=bf16_seconds: s if bf16 else 1.0)
-        assert ev.measure_precision(model, x, y) == (want, {"fp32": 1.0, "bf16": bf16_seconds})
-    monkeypatch.undo()
-    # the real timing: one untimed and one timed step of each, on a copy (model unchanged)
     before = [p.clone() for p in model.parameters()]
     _, timing = ev.measure_precision(model, x, y, steps=1)
     assert set(timing) == {"fp32", "bf16"} and all(t > 0 for t in timing.values())

@@ -45,7 +45,7 @@ def project(tmp: Path, name: str, max_steps: int) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"] = {"preset": "tiny"}
     params["train"].update(max_steps=max_steps, batch_size=8, warmup_steps=2, checkpoint_every=10, log_every=5,
-                           eval_every=0, device="cpu")
+                           eval_every=0, device="cpu", mixed_precision="no")
     (d / "params.yaml").write_text(yaml.safe_dump(params))
     return d
 

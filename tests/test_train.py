@@ -3,6 +3,7 @@ import re
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 import iclevr_ddpm.train as T
 from iclevr_ddpm.model import model_kwargs
@@ -10,11 +11,13 @@ from iclevr_ddpm.pipeline import IclevrPipeline
 
 
 def _cfg(**kw):
+    # fp32: "auto" would time both precisions on this CPU (test_auto_precision_...)
     return T.TrainConfig(**{"max_steps": 20, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 10,
-                            "log_every": 5, "device": "cpu", **kw})
+                            "log_every": 5, "device": "cpu", "mixed_precision": "no", **kw})
 
 
 def _run(tmp, data, cfg, name):
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new process per run, as the stage
     return T.train(cfg, model_kwargs({"preset": "tiny"}), {}, "cosine", data, tmp / f"{name}_model",
                    tmp / f"{name}_ckpt", tmp / f"{name}_live")
 
@@ -59,6 +62,32 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_processed, tmp_path, k
     assert res["steps"] == 20 and res["steps_this_run"] == 10
     full, resumed = _weights(tmp_path / "full_model"), _weights(tmp_path / "resumed_model")
     assert all(torch.allclose(full[k], resumed[k], atol=1e-6) for k in full)
+
+
+def test_auto_precision_on_a_bf16_cpu_is_timed_and_kept_on_resume(tiny_processed, tmp_path, monkeypatch,
+                                                                   kill_after_first_save, capsys):
+    data = tiny_processed[0] / "iclevr.pt"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    timed = []
+
+    def faster(step, steps, bf16=True):  # times nothing; checks the step it was given runs in both
+        step(False), step(True)
+        timed.append(steps)
+        return bf16, {"fp32": 1.0, "bf16": 0.5 if bf16 else 2.0}
+    monkeypatch.setattr(T, "faster_precision", faster)
+    revive = kill_after_first_save(T)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, data, _cfg(mixed_precision="auto"), "auto")
+    assert "train precision: bf16 (seconds per step {'fp32': 1.0, 'bf16': 0.5})" in capsys.readouterr().out
+    assert torch.load(tmp_path / "auto_ckpt" / "checkpoint.pt", weights_only=True)["precision"] == "bf16"
+    revive()
+    monkeypatch.setattr(T, "faster_precision", lambda step, steps: faster(step, steps, bf16=False))
+    res = _run(tmp_path, data, _cfg(mixed_precision="auto"), "auto")
+    assert res["precision"] == "bf16" and res["steps_this_run"] == 10 and timed == [5]  # resumed: not timed again
+    res = _run(tmp_path, data, _cfg(mixed_precision="auto", max_steps=4), "fresh")
+    assert res["precision"] == "no" and timed == [5, 5]  # fp32 measured faster
+    assert _run(tmp_path, data, _cfg(mixed_precision="bf16", max_steps=4), "set")["precision"] == "bf16"
+    assert timed == [5, 5]  # a set precision is not timed
 
 
 def test_changed_params_start_fresh(tiny_processed, tmp_path, capsys):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import TypeVar
+import time
+from typing import Callable, TypeVar
 
 from .errors import UserError
 
@@ -48,7 +49,8 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 def resolve_precision(mixed_precision: str, device: str, cpu_bf16: bool = False) -> str:
     """'auto' -> 'bf16' on CUDA with bf16 (else 'fp16'); on the CPU 'bf16' when `cpu_bf16`
-    and the CPU computes bfloat16 natively (AVX512-BF16 or AMX), else 'no'."""
+    and the CPU computes bfloat16 natively (AVX512-BF16 or AMX), else 'no'. Callers then keep
+    bf16 on the CPU only where faster_precision measures it faster."""
     import torch
     check_choice("mixed_precision", mixed_precision, PRECISIONS)
     if mixed_precision != "auto":
@@ -58,3 +60,20 @@ def resolve_precision(mixed_precision: str, device: str, cpu_bf16: bool = False)
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
         getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return "bf16" if cpu_bf16 and native else "no"
+
+
+def faster_precision(step: Callable[[bool], None], steps: int = 3) -> tuple[bool, dict]:
+    """(use bf16, seconds per step of each): bf16 autocast only where it measures faster.
+
+    step(bf16) runs one training step of a throwaway model; it is called once untimed (oneDNN
+    picks its kernels then) and `steps` times timed per precision. A CPU that reports native
+    bf16 is not always faster with it: the evaluator ran 1.8x faster in bf16 on one machine
+    here and 13% slower on another, the DDPM 1.3x faster and 40% slower (docs/image-quality.md)."""
+    timing = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        step(bf16)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(bf16)
+        timing[name] = (time.perf_counter() - t0) / steps
+    return timing["bf16"] < timing["fp32"], {k: round(v, 3) for k, v in timing.items()}

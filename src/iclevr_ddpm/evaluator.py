@@ -22,7 +22,7 @@ from torch import nn
 from torchvision.models import resnet18
 from tqdm import tqdm
 
-from .config import check_choice, fingerprint, resolve_device, resolve_precision
+from .config import check_choice, faster_precision, fingerprint, resolve_device, resolve_precision
 from .data import load_processed, resize, to_model_range, to_uint8
 from .errors import UserError
 from .io import load_checkpoint, load_torch, save_torch
@@ -176,27 +176,17 @@ def _epoch(model, opt, sched, ema, x_all, y_all, cfg, gen, dev, bf16: bool) -> f
     return total / n_batches
 
 
-def _seconds_per_step(model, x, y, bf16: bool, steps: int) -> float:
-    """Seconds per training step of a throwaway copy of `model` on the batch x (B, 3, 64, 64)
-    in [-1, 1], y (B, 24); the first step (oneDNN's kernel choice) is not timed."""
+def measure_precision(model, x, y, steps: int = 3) -> tuple[bool, dict]:
+    """(use bf16, seconds per step of each) for training `model` on the batch x (B, 3, 64, 64)
+    in [-1, 1], y (B, 24), timed on a throwaway copy (config.faster_precision)."""
     model = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
+
+    def step(bf16: bool) -> None:
         opt.zero_grad(set_to_none=True)
         bce_loss(model, x, y, bf16).backward()
         opt.step()
-    return (time.perf_counter() - t0) / steps
-
-
-def measure_precision(model, x, y, steps: int = 3) -> tuple[bool, dict]:
-    """(use bf16, seconds per step of each): bf16 autocast only where it measures faster.
-
-    A CPU that reports native bf16 is not always faster with it: the evaluator ran 1.8x faster
-    in bf16 on one machine here and 13% slower on another (docs/image-quality.md)."""
-    timing = {name: _seconds_per_step(model, x, y, bf16, steps) for name, bf16 in (("fp32", False), ("bf16", True))}
-    return timing["bf16"] < timing["fp32"], {k: round(v, 3) for k, v in timing.items()}
+    return faster_precision(step, steps)
 
 
 def _pick_bf16(cfg: EvaluatorConfig, dev: str, model, x_tr, y_tr) -> bool:

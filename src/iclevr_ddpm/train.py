@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from dvclive import Live
@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from . import labels as L
 from .autoencoder import encode, load_autoencoder
-from .config import PRECISIONS, check_choice, fingerprint, from_params, resolve_device, resolve_precision
+from .config import (PRECISIONS, check_choice, faster_precision, fingerprint, from_params, resolve_device,
+                     resolve_precision)
 from .data import load_processed, resize, to_model_range
 from .diffusion import TIMESTEP_SAMPLING, diffusion_loss, noise_scheduler, sampler_scheduler
 from .errors import UserError
@@ -35,7 +36,7 @@ LR_SCHEDULES = ("constant", "cosine", "cosine_warmup")
 @dataclass
 class TrainConfig:
     device: str = "auto"          # auto | cpu | cuda
-    mixed_precision: str = "auto"  # auto (bf16/fp16 on CUDA, none on CPU) | no | fp16 | bf16
+    mixed_precision: str = "auto"  # auto (bf16/fp16 on CUDA; on the CPU bf16 where timed faster) | no | fp16 | bf16
     seed: int = 0
     batch_size: int = 32
     max_steps: int = 4000
@@ -74,10 +75,37 @@ NOT_FINGERPRINTED = ("checkpoint_every", "log_every", "eval_every", "eval_images
                      "collapse_factor")
 
 
-def _accelerator(cfg: TrainConfig) -> Accelerator:
-    # CPU bf16 gains only ~11% for the UNet here (docs/cpu-sizing.md): auto keeps fp32 there
-    device = resolve_device(cfg.device)
-    return Accelerator(cpu=device == "cpu", mixed_precision=resolve_precision(cfg.mixed_precision, device))
+def _timed_step(cfg: TrainConfig, model_kw: dict, noise):
+    """step(bf16): one training step, as train_step's, of a throwaway UNet of model_kw on a
+    zero batch, in fp32 or in bf16 autocast (what faster_precision times)."""
+    model = ConditionalUNet(**model_kw)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    res, gen = model.config.resolution, torch.Generator().manual_seed(0)
+    x, y = torch.zeros(cfg.batch_size, model.config.in_channels, res, res), torch.zeros(cfg.batch_size, L.NUM_LABELS)
+
+    def step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), exact_attention(x.device):
+            loss = diffusion_loss(model, noise, x, y, cfg.snr_gamma, gen, cfg.timestep_sampling, cfg.logit_std,
+                                  cfg.object_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _precision(cfg: TrainConfig, device: str, model_kw: dict, noise) -> str:
+    """accelerate's mixed_precision: as set; 'auto' is bf16 (or fp16) on CUDA and, on a CPU
+    with native bf16, the faster of bf16 and fp32 at cfg.batch_size, timed by the main process
+    (bf16 trained 1.3x faster on one CPU here and 40% slower on another; docs/image-quality.md)."""
+    precision = resolve_precision(cfg.mixed_precision, device, cpu_bf16=True)
+    if cfg.mixed_precision != "auto" or device != "cpu" or precision != "bf16":
+        return precision
+    choice = [None]  # every process must train in the main process's choice
+    if PartialState(cpu=True).is_main_process:
+        bf16, timing = faster_precision(_timed_step(cfg, model_kw, noise), steps=5)
+        choice = ["bf16" if bf16 else "no"]
+        print(f"train precision: {'bf16' if bf16 else 'fp32'} (seconds per step {timing})")
+    return broadcast_object_list(choice)[0]
 
 
 def _lr_scheduler(cfg: TrainConfig, opt):
@@ -115,15 +143,6 @@ class Run:
         self.gen.set_state(state["rng"][rank])
         self.step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
-
-    def resume(self, ckpt: Path, fp: str, rank: int = 0) -> bool:
-        """Load the checkpoint file ckpt if it holds a run of the same settings (fingerprint fp)."""
-        state = load_checkpoint(ckpt, fp)
-        if state is None:
-            return False
-        self.load(state, rank)
-        print(f"{ckpt}: resuming at step {self.step} (process {rank})")
-        return True
 
     def ema_model(self) -> ConditionalUNet:
         """A new model holding the EMA weights, on the CPU, in eval mode."""
@@ -261,6 +280,18 @@ def _loop(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, la
     return loss_avg, val_acc, eval_seconds, time.perf_counter() - t0
 
 
+def _latent_inputs(cfg: TrainConfig, autoencoder, images: torch.Tensor, model_kw: dict) -> tuple:
+    """(cfg, vae, x_all, model_kw) for diffusion on the latents of the autoencoder folder: the
+    images (N, 3, S, S) uint8 encoded once to x_all (N, C, S/f, S/f), the UNet's resolution and
+    channels the latents', and no object weight (it weights image pixels)."""
+    if cfg.object_weight:  # a default of the pixel recipe: `-S model.space=latent` must still run
+        print(f"train.object_weight {cfg.object_weight} weights image pixels; latent diffusion trains without it")
+        cfg = replace(cfg, object_weight=0.0)
+    vae = load_autoencoder(autoencoder)
+    x_all = encode(vae, to_model_range(images))  # once, in memory
+    return cfg, vae, x_all, {**model_kw, "resolution": x_all.shape[-1], "in_channels": x_all.shape[1]}
+
+
 def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, data_path,
           out_dir, ckpt_dir, live_dir, evaluator=None, val_conditions=None, autoencoder=None) -> dict:
     """Train from the tensor file; write the EMA model to out_dir (save_pretrained).
@@ -274,29 +305,30 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     Returns the final figures (steps, images seen, wall time, images/s, parameters, val_accuracy)
     on the main process, None on the others: only the main process writes.
     """
-    acc = _accelerator(cfg)
-    set_seed(cfg.seed)  # same initial weights on every process and every run
+    device = resolve_device(cfg.device)
     noise = noise_scheduler(schedule, **diffusion_kw)
     images, labels = load_processed(data_path, "train")
-    vae, vae_config = None, None
+    vae, x_all = None, None
     if autoencoder is not None:
-        if cfg.object_weight:  # a default of the pixel recipe: `-S model.space=latent` must still run
-            print(f"train.object_weight {cfg.object_weight} weights image pixels; latent diffusion "
-                  f"trains without it")
-            cfg = replace(cfg, object_weight=0.0)
-        vae = load_autoencoder(autoencoder)
-        x_all = encode(vae, to_model_range(images))  # once, in memory: (N, C, R/f, R/f)
-        model_kw = {**model_kw, "resolution": x_all.shape[-1], "in_channels": x_all.shape[1]}
-        vae_config = dict(vae.config)  # its scaling differs with every retraining
-    run = Run(cfg, model_kw, seed_offset=acc.process_index)
-    if vae is None:
-        x_all = resize(to_model_range(images), run.model.config.resolution)  # once, in memory
+        cfg, vae, x_all, model_kw = _latent_inputs(cfg, autoencoder, images, model_kw)
     # one file for all processes, written by rank 0: a kill can never leave ranks at different steps
     ckpt = Path(ckpt_dir) / "checkpoint.pt"
     run_settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
-    fp = fingerprint(run_settings, model_kw, diffusion_kw, schedule, acc.num_processes, len(images),
-                     *([vae_config] if vae_config else []))
-    resumed = run.resume(ckpt, fp, acc.process_index)
+    fp = fingerprint(run_settings, model_kw, diffusion_kw, schedule, PartialState(cpu=device == "cpu").num_processes,
+                     len(images), *([dict(vae.config)] if vae is not None else []))  # its scaling differs per training
+    saved = load_checkpoint(ckpt, fp)  # None when absent or written under other settings
+    # a resumed run keeps the precision it began in (timing may choose otherwise today)
+    precision = saved.get("precision") if saved else None
+    acc = Accelerator(cpu=device == "cpu", mixed_precision=precision or _precision(cfg, device, model_kw, noise))
+    set_seed(cfg.seed)  # same initial weights on every process and every run
+    run = Run(cfg, model_kw, seed_offset=acc.process_index)
+    resumed = saved is not None
+    if resumed:
+        run.load(saved, acc.process_index)
+        print(f"{ckpt}: resuming at step {run.step} (process {acc.process_index})")
+    del saved
+    if vae is None:
+        x_all = resize(to_model_range(images), run.model.config.resolution)  # once, in memory
     probe = _probe(cfg, acc, noise, evaluator, val_conditions, vae)
     # The LR schedule is not prepared: accelerate would step it once per process, and every
     # process here runs all max_steps (each draws its own batches).
@@ -307,7 +339,7 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     def save_checkpoint():
         rngs = gather_object([run.gen.get_state()])  # every rank's batch RNG, by rank
         if acc.is_main_process:
-            save_torch(run.state(fp, rngs), ckpt)
+            save_torch({**run.state(fp, rngs), "precision": acc.mixed_precision}, ckpt)
 
     start = run.step
     loss_avg, val_acc, eval_seconds, seconds = _loop(acc, model, opt, run, noise, x_all, labels, cfg,
@@ -322,6 +354,6 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     return {"steps": run.step, "steps_this_run": steps_run,
             "images_seen": run.step * cfg.batch_size * acc.num_processes,
             "wall_seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1),
-            "images_per_second": round(images_per_s, 1),
+            "images_per_second": round(images_per_s, 1), "precision": acc.mixed_precision,
             "parameters": sum(p.numel() for p in run.model.parameters()), "loss_smooth": round(loss_avg, 5),
             **({"val_accuracy": round(val_acc, 4)} if val_acc is not None else {})}
