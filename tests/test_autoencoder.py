@@ -119,7 +119,8 @@ def test_latent_path_trains_probes_and_samples_end_to_end(tiny_processed, tmp_pa
     A.train_autoencoder(A.AutoencoderConfig(**TINY), data, ev, tmp_path / "ae", tmp_path / "ae.pt", tmp_path / "l")
     cfg = T.TrainConfig(max_steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=2, device="cpu",
                         eval_every=2, eval_images=3, eval_sample={"steps": 2, "frames": 2, "batch_size": 3},
-                        object_weight=3.0)  # the pixel default: latent diffusion trains without it
+                        object_weight=3.0,  # the pixel default: latent diffusion trains without it
+                        mixed_precision="no")  # auto times bf16: accelerate keeps the autoencoder's fp32 state
     kw = model_kwargs({"space": "latent", "preset": "tiny"})
     res = T.train(cfg, kw, {}, "cosine", data, tmp_path / "m", tmp_path / "c", tmp_path / "live", ev,
                   processed / "val.json", autoencoder=tmp_path / "ae")
