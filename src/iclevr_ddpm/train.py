@@ -75,6 +75,13 @@ NOT_FINGERPRINTED = ("checkpoint_every", "log_every", "eval_every", "eval_images
                      "collapse_factor")
 
 
+def _loss(cfg: TrainConfig, model, noise, x0: torch.Tensor, y: torch.Tensor, gen) -> torch.Tensor:
+    """diffusion_loss with cfg's weighting and timestep sampling: the one loss that training
+    steps and the precision timing compute."""
+    return diffusion_loss(model, noise, x0, y, cfg.snr_gamma, gen, cfg.timestep_sampling, cfg.logit_std,
+                          cfg.object_weight)
+
+
 def _timed_step(cfg: TrainConfig, model_kw: dict, noise):
     """step(bf16): one training step, as train_step's, of a throwaway UNet of model_kw on a
     zero batch, in fp32 or in bf16 autocast (what faster_precision times)."""
@@ -85,8 +92,7 @@ def _timed_step(cfg: TrainConfig, model_kw: dict, noise):
 
     def step(bf16: bool) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), exact_attention(x.device):
-            loss = diffusion_loss(model, noise, x, y, cfg.snr_gamma, gen, cfg.timestep_sampling, cfg.logit_std,
-                                  cfg.object_weight)
+            loss = _loss(cfg, model, noise, x, y, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -177,8 +183,7 @@ def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tenso
     x0, y = x_all[idx].to(acc.device), labels[idx].clone()
     y[torch.rand(len(y), generator=run.gen) < cfg.p_uncond] = 0.0  # label dropout -> null condition
     with acc.autocast(), exact_attention(acc.device):
-        loss = diffusion_loss(model, noise, x0, y.to(acc.device), cfg.snr_gamma, run.gen,
-                              cfg.timestep_sampling, cfg.logit_std, cfg.object_weight)
+        loss = _loss(cfg, model, noise, x0, y.to(acc.device), run.gen)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss.item()} at step {run.step + 1}; "
                                  f"try a lower train.lr or train.grad_clip")
