@@ -208,6 +208,15 @@ def _averaged(model: nn.Module, ema: EMAModel | None) -> nn.Module:
     return averaged
 
 
+def _resume(state: dict, model, opt, sched, ema: EMAModel | None, gen: torch.Generator) -> tuple[int, bool]:
+    """Load a checkpoint's state into the training objects; returns (epochs done, bf16)."""
+    model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"]), gen.set_state(state["rng"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    return state["epoch"], state.get("bf16")
+
+
 def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_dir) -> dict:
     """Train on the training split (or copy cfg.checkpoint); report held-out accuracy.
 
@@ -234,11 +243,7 @@ def train_evaluator(cfg: EvaluatorConfig, data_path, out_path, ckpt_path, live_d
     gen, epoch, fp = torch.Generator().manual_seed(cfg.seed), 0, fingerprint(asdict(cfg), len(x_tr))
     ckpt = Path(ckpt_path)
     if (state := load_checkpoint(ckpt, fp)) is not None:
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"]), gen.set_state(state["rng"])
-        epoch, bf16 = state["epoch"], state.get("bf16")
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        epoch, bf16 = _resume(state, model, opt, sched, ema, gen)
         print(f"{ckpt}: resuming after epoch {epoch}")
     if bf16 is None:
         bf16 = _pick_bf16(cfg, dev, model, x_tr, y_tr)

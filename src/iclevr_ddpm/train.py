@@ -297,6 +297,21 @@ def _latent_inputs(cfg: TrainConfig, autoencoder, images: torch.Tensor, model_kw
     return cfg, vae, x_all, {**model_kw, "resolution": x_all.shape[-1], "in_channels": x_all.shape[1]}
 
 
+def _start(cfg: TrainConfig, device: str, noise, model_kw: dict, ckpt: Path, fp: str) -> tuple:
+    """(accelerator, run, resumed): a fresh Run, or the one in ckpt when it was written under
+    the fingerprint fp. A resumed run keeps the precision it began in (timing may choose
+    otherwise today)."""
+    saved = load_checkpoint(ckpt, fp)  # None when absent or written under other settings
+    precision = saved.get("precision") if saved else None
+    acc = Accelerator(cpu=device == "cpu", mixed_precision=precision or _precision(cfg, device, model_kw, noise))
+    set_seed(cfg.seed)  # same initial weights on every process and every run
+    run = Run(cfg, model_kw, seed_offset=acc.process_index)
+    if saved is not None:
+        run.load(saved, acc.process_index)
+        print(f"{ckpt}: resuming at step {run.step} (process {acc.process_index})")
+    return acc, run, saved is not None
+
+
 def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, data_path,
           out_dir, ckpt_dir, live_dir, evaluator=None, val_conditions=None, autoencoder=None) -> dict:
     """Train from the tensor file; write the EMA model to out_dir (save_pretrained).
@@ -321,17 +336,7 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     run_settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     fp = fingerprint(run_settings, model_kw, diffusion_kw, schedule, PartialState(cpu=device == "cpu").num_processes,
                      len(images), *([dict(vae.config)] if vae is not None else []))  # its scaling differs per training
-    saved = load_checkpoint(ckpt, fp)  # None when absent or written under other settings
-    # a resumed run keeps the precision it began in (timing may choose otherwise today)
-    precision = saved.get("precision") if saved else None
-    acc = Accelerator(cpu=device == "cpu", mixed_precision=precision or _precision(cfg, device, model_kw, noise))
-    set_seed(cfg.seed)  # same initial weights on every process and every run
-    run = Run(cfg, model_kw, seed_offset=acc.process_index)
-    resumed = saved is not None
-    if resumed:
-        run.load(saved, acc.process_index)
-        print(f"{ckpt}: resuming at step {run.step} (process {acc.process_index})")
-    del saved
+    acc, run, resumed = _start(cfg, device, noise, model_kw, ckpt, fp)
     if vae is None:
         x_all = resize(to_model_range(images), run.model.config.resolution)  # once, in memory
     probe = _probe(cfg, acc, noise, evaluator, val_conditions, vae)
