@@ -208,8 +208,9 @@ def _averaged(model: nn.Module, ema: EMAModel | None) -> nn.Module:
     return averaged
 
 
-def _resume(state: dict, model, opt, sched, ema: EMAModel | None, gen: torch.Generator) -> tuple[int, bool]:
-    """Load a checkpoint's state into the training objects; returns (epochs done, bf16)."""
+def _resume(state: dict, model, opt, sched, ema: EMAModel | None, gen: torch.Generator) -> tuple[int, bool | None]:
+    """Load a checkpoint's state into the training objects; returns (epochs done, bf16: None in
+    checkpoints written before the precision was kept)."""
     model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"]), gen.set_state(state["rng"])
     if ema is not None:

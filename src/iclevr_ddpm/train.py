@@ -297,7 +297,8 @@ def _latent_inputs(cfg: TrainConfig, autoencoder, images: torch.Tensor, model_kw
     return cfg, vae, x_all, {**model_kw, "resolution": x_all.shape[-1], "in_channels": x_all.shape[1]}
 
 
-def _start(cfg: TrainConfig, device: str, noise, model_kw: dict, ckpt: Path, fp: str) -> tuple:
+def _start(cfg: TrainConfig, device: str, noise, model_kw: dict, ckpt: Path,
+           fp: str) -> tuple[Accelerator, Run, bool]:
     """(accelerator, run, resumed): a fresh Run, or the one in ckpt when it was written under
     the fingerprint fp. A resumed run keeps the precision it began in (timing may choose
     otherwise today)."""
