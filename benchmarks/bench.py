@@ -2,17 +2,20 @@
 
     python benchmarks/bench.py [TENSOR_FILE RAW_DIR]
 
-1. Training images/s of the DDPM: the `cpu` preset in fp32, channels_last, bf16 autocast and
+1. Training images/s of the DDPM (its steps with the plain AdamW loop, comparable across days): the `cpu` preset in fp32, channels_last, bf16 autocast and
    torch.compile; `cpu_patch` (the default) at batch 32, and at the default batch 8 in fp32 and
    bf16; `cpu_latent` on 16x16x4 latents; the `report` preset; the autoencoder of
    latent diffusion (params.yaml's `autoencoder` config).
 2. Training images/s of the ResNet18 evaluator: fp32, channels_last, and with bf16 autocast.
+   Milliseconds of the weight update after each step (AdamW and EMA), as a Python loop over the
+   tensors and as the fused / multi-tensor kernels that `train` and `train_evaluator` use.
 3. Loading the preprocessed tensor file vs decoding PNGs with PIL per item.
 """
 import sys
 import time
 
 import torch
+from diffusers.training_utils import EMAModel
 
 from iclevr_ddpm.autoencoder import AutoencoderConfig, build_autoencoder, reconstruction_loss
 from iclevr_ddpm.data import load_image, to_model_range
@@ -80,6 +83,25 @@ def evaluator_rate(channels_last: bool, bf16: bool, batch: int = 64, steps: int 
     return rate
 
 
+def update_ms(name: str, model: torch.nn.Module, fast: bool, steps: int = 20) -> float:
+    """Milliseconds of one AdamW step plus one EMA step on `model`'s parameters (random
+    gradients): the for-loop kernels, or fused AdamW and foreach EMA when `fast`."""
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fast or None)
+    ema = EMAModel(params, decay=0.999, use_ema_warmup=True, foreach=fast)
+    for i in range(steps + 2):
+        if i == 2:
+            t0 = time.perf_counter()
+        opt.step()
+        ema.step(params)
+    ms = 1000 * (time.perf_counter() - t0) / steps
+    print(f"update {name:10s} {sum(p.numel() for p in params) / 1e6:5.1f}M params in {len(params)} tensors "
+          f"fused={fast!s:5}: {ms:6.1f} ms per step (AdamW + EMA)")
+    return ms
+
+
 def loading(tensor_file: str, raw_dir: str, n: int = 3000) -> None:
     t0 = time.perf_counter()
     d = load_torch(tensor_file)
@@ -112,5 +134,8 @@ if __name__ == "__main__":
     train_rate("report", 4, 3)
     for fmt, bf16 in ((False, False), (True, False), (True, True)):
         evaluator_rate(fmt, bf16)
+    for fast in (False, True):
+        update_ms("cpu_patch", ConditionalUNet(**model_kwargs({"preset": "cpu_patch", "conditioning": "scale_shift"})), fast)
+        update_ms("evaluator", build_evaluator(), fast)
     if len(sys.argv) == 3:
         loading(*sys.argv[1:])

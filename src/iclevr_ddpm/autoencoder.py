@@ -107,7 +107,7 @@ def gate_scores(ae: AutoencoderTiny, evaluator, images: torch.Tensor, labels: to
 def _fit(ae, cfg: AutoencoderConfig, x: torch.Tensor, ckpt: Path, fp: str, live: Live) -> float:
     """Train ae in place on uint8 images x (N, 3, S, S) from the checkpoint's step; seconds spent."""
     acc = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=0, num_training_steps=cfg.steps)
     gen, step = torch.Generator().manual_seed(cfg.seed), 0
     if (state := load_checkpoint(ckpt, fp)) is not None:
