@@ -2,10 +2,11 @@
 
     python benchmarks/bench.py [TENSOR_FILE RAW_DIR]
 
-1. Training images/s of the DDPM (its steps with the plain AdamW loop, comparable across days): the `cpu` preset in fp32, channels_last, bf16 autocast and
-   torch.compile; `cpu_patch` (the default) at batch 32, and at the default batch 8 in fp32 and
-   bf16; `cpu_latent` on 16x16x4 latents; the `report` preset; the autoencoder of
-   latent diffusion (params.yaml's `autoencoder` config).
+1. Training images/s of the DDPM (its steps with the plain AdamW loop, comparable across days):
+   the `cpu` preset in fp32, channels_last, bf16 autocast and torch.compile; `cpu_patch` (the
+   default) at batch 32, and at the default batch 8 in fp32 and bf16; `cpu_latent` on 16x16x4
+   latents; the `report` preset; the autoencoder of latent diffusion (params.yaml's
+   `autoencoder` config).
 2. Training images/s of the ResNet18 evaluator: fp32, channels_last, and with bf16 autocast.
    Milliseconds of the weight update after each step (AdamW and EMA), as a Python loop over the
    tensors and as the fused / multi-tensor kernels that `train` and `train_evaluator` use.
