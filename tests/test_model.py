@@ -52,6 +52,27 @@ def test_conditioning_builds_the_named_network():
         tiny(conditioning="film")
 
 
+def test_cross_attention_sees_only_the_present_objects_tokens():
+    m = tiny(conditioning="cross_attention", label_features="attributes").eval()
+    attn = m.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2  # the cross-attention
+    assert attn.to_k.in_features == m.label_tokens.embedding_dim == 64
+    assert m.label_tokens.num_embeddings == 25 and m.attribute_tokens.in_features == 11
+    torch.nn.init.normal_(m.unet.conv_out.weight)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([500, 500])
+    y = torch.zeros(2, 24)
+    y[0, [INDEX["red cube"], INDEX["blue sphere"]]] = 1  # row 1 stays dropped: the null token alone
+    with torch.no_grad():
+        before = m(x, t, y)
+        m.label_tokens.weight[INDEX["gray cylinder"]] += 1.0  # an absent object's token: masked out
+        assert torch.equal(m(x, t, y), before)
+        m.label_tokens.weight[INDEX["red cube"]] += 1.0  # a present object's token
+        after = m(x, t, y)
+    assert not torch.allclose(after[0], before[0], atol=1e-4) and torch.equal(after[1], before[1])
+    m.label_tokens.weight.data[24] += 1.0  # the null token reaches the dropped condition
+    with torch.no_grad():
+        assert not torch.allclose(m(x, t, y)[1], before[1], atol=1e-4)
+
+
 def test_attribute_features_share_colour_and_shape_directions(tmp_path):
     a = attribute_matrix()
     assert a.shape == (24, 11) and torch.equal(a.sum(1), torch.full((24,), 2.0))

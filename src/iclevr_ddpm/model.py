@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from diffusers import ModelMixin, UNet2DModel
+from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -43,7 +43,10 @@ PRESETS = {
 #   scale_shift  the same embedding, applied as AdaGN: GroupNorm(h) * (1 + scale) + shift (Dhariwal & Nichol 2021)
 #   concat       the 24 label values as constant extra input channels
 #   none         no label input (ablation)
-CONDITIONING = ("embedding", "scale_shift", "concat", "none")
+#   cross_attention  scale_shift, and the attention levels' blocks also attend to one token per
+#                present object plus a null token (UNet2DConditionModel): each pixel can look up
+#                which object it belongs to, where AdaGN gives every pixel the same sum of them
+CONDITIONING = ("embedding", "scale_shift", "concat", "none", "cross_attention")
 # What the label projection reads (embedding / scale_shift):
 #   objects     the 24-dim multi-hot vector: one learnt direction per object
 #   attributes  the multi-hot vector plus its colour and shape counts (8 + 3): directions shared
@@ -74,6 +77,11 @@ def attribute_matrix() -> torch.Tensor:
         colour, shape = name.split()
         m[i, COLORS.index(colour)] = m[i, len(COLORS) + SHAPES.index(shape)] = 1
     return m
+
+
+def _cross_attention_blocks(block_types) -> tuple:
+    """UNet2DModel block names -> UNet2DConditionModel's: attention blocks gain cross-attention."""
+    return tuple(b.replace("Attn", "CrossAttn") for b in block_types)
 
 
 def model_space(params: dict) -> str:
@@ -109,32 +117,53 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             raise UserError(f"params.yaml: model.patch_size is {patch_size}; expected a whole divisor "
                             f"of model.resolution ({resolution})")
         folded = in_channels * patch_size ** 2
-        embed = conditioning in ("embedding", "scale_shift")
+        embed = conditioning in ("embedding", "scale_shift", "cross_attention")
         self.concat = conditioning == "concat"
-        self.unet = UNet2DModel(
-            sample_size=resolution // patch_size, in_channels=folded + (num_labels if self.concat else 0),
-            out_channels=folded,
-            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
-            dropout=dropout, norm_num_groups=norm_num_groups,
-            resnet_time_scale_shift="scale_shift" if conditioning == "scale_shift" else "default",
-            class_embed_type="identity" if embed else None)
         time_dim = block_out_channels[0] * 4  # UNet2DModel's time-embedding width
+        unet = dict(sample_size=resolution // patch_size, in_channels=folded + (num_labels if self.concat else 0),
+                    out_channels=folded, block_out_channels=tuple(block_out_channels),
+                    layers_per_block=layers_per_block, dropout=dropout, norm_num_groups=norm_num_groups,
+                    resnet_time_scale_shift="default" if conditioning in ("embedding", "concat", "none")
+                    else "scale_shift", class_embed_type="identity" if embed else None)
+        if conditioning == "cross_attention":
+            self.unet = UNet2DConditionModel(
+                **unet, down_block_types=_cross_attention_blocks(down_block_types),
+                up_block_types=_cross_attention_blocks(up_block_types),
+                mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=time_dim)
+            # token i: label i's own vector (+ its colour's and shape's, `attributes`); token 24: null
+            self.label_tokens = nn.Embedding(num_labels + 1, time_dim)
+        else:
+            self.unet = UNet2DModel(**unet, down_block_types=tuple(down_block_types),
+                                    up_block_types=tuple(up_block_types))
+            self.label_tokens = None
         attrs = embed and label_features == "attributes"
         # labels (B, 24) -> [labels, labels @ A] (B, 35): colour and shape counts (attribute_matrix)
         self.register_buffer("attributes", attribute_matrix() if attrs else None, persistent=False)
         n_in = num_labels + (self.attributes.shape[1] if attrs else 0)
         self.label_proj = nn.Linear(n_in, time_dim) if embed else None
+        self.attribute_tokens = (nn.Linear(self.attributes.shape[1], time_dim, bias=False)
+                                 if attrs and self.label_tokens is not None else None)
+
+    def _tokens(self, labels: torch.Tensor) -> dict:
+        """Cross-attention inputs for labels (B, 24) in {0, 1}: the 25 tokens (B, 25, D) and a mask
+        (B, 25) that keeps the present objects' tokens and the null token (all a dropped label sees)."""
+        tokens = self.label_tokens.weight
+        if self.attribute_tokens is not None:  # colour and shape directions shared across labels
+            tokens = tokens + nn.functional.pad(self.attribute_tokens(self.attributes), (0, 0, 0, 1))
+        keep = torch.cat([labels > 0, labels.new_ones(len(labels), 1, dtype=torch.bool)], dim=1)
+        return dict(encoder_hidden_states=tokens.expand(len(labels), -1, -1), encoder_attention_mask=keep)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(x.dtype)
         x = nn.functional.pixel_unshuffle(x, self.config.patch_size)  # identity for patch 1
         if self.concat:
             x = torch.cat([x, labels[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
+        cross = self._tokens(labels) if self.label_tokens is not None else {}
         if self.attributes is not None:
             labels = torch.cat([labels, labels @ self.attributes.to(labels.dtype)], dim=1)
         cond = self.label_proj(labels) if self.label_proj is not None else None
-        return nn.functional.pixel_shuffle(self.unet(x, t, class_labels=cond).sample, self.config.patch_size)
+        out = self.unet(x, t, class_labels=cond, **cross).sample
+        return nn.functional.pixel_shuffle(out, self.config.patch_size)
 
 
 def exact_attention(device: torch.device):
