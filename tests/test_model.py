@@ -6,7 +6,7 @@ import torch
 
 from iclevr_ddpm.config import from_params
 from iclevr_ddpm.data import load_processed, object_mask, resize, to_model_range
-from iclevr_ddpm.diffusion import (SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, sample_timesteps,
+from iclevr_ddpm.diffusion import (SAMPLERS, SCHEDULES, diffusion_loss, noise_scheduler, predicted_x0, sample_timesteps,
                                   sampler_scheduler, snr)
 from iclevr_ddpm.errors import UserError
 from iclevr_ddpm.labels import INDEX, multi_hot
@@ -249,6 +249,55 @@ def test_object_weight_is_a_weighted_mean_over_the_object_pixels():
     assert loss(10.0) == pytest.approx(11 * f / (1 + 10 * f) / 2, rel=1e-5)
     with pytest.raises(UserError, match="train.object_weight is -1"):
         TrainConfig(object_weight=-1)
+
+
+def test_self_condition_adds_the_estimate_as_input_channels(tmp_path):
+    m = tiny(self_condition=True, patch_size=2).eval()
+    assert m.unet.conv_in.in_channels == 2 * 3 * 4  # x and its estimate, each folded 2x2
+    torch.nn.init.normal_(m.unet.conv_out.weight)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([500, 500]), torch.eye(24)[:2]
+    est = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(m(x, t, y), m(x, t, y, torch.zeros_like(x)))  # no estimate = zeros
+        assert not torch.allclose(m(x, t, y, est), m(x, t, y), atol=1e-4)
+        m.save_pretrained(tmp_path / "sc")
+        back = ConditionalUNet.from_pretrained(tmp_path / "sc").eval()
+        assert back.config.self_condition and torch.equal(back(x, t, y, est), m(x, t, y, est))
+    with pytest.raises(ValueError, match="without self_condition"):
+        tiny()(x, t, y, est)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predicted_x0_inverts_the_noising(prediction_type):
+    sched = noise_scheduler("cosine", prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 300, 700, 990])
+    xt = sched.add_noise(x0, noise, t)
+    target = sched.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
+    assert torch.allclose(predicted_x0(sched, xt, t, target), x0, atol=2e-3)
+    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    per_unit = (1 - ab).sqrt() / (1 if prediction_type == "v_prediction" else ab.sqrt())
+    moved = x0 - predicted_x0(sched, xt, t, target + 1)  # an output off by one moves x0 by this
+    assert torch.allclose(moved, per_unit.expand_as(moved), rtol=1e-3, atol=1e-4)
+
+
+def test_self_conditioned_loss_feeds_a_detached_estimate_on_half_the_batches():
+    sched = noise_scheduler("cosine")
+    m = tiny(self_condition=True)
+    seen = []
+    forward = m.forward
+    m.forward = lambda x, t, y, x_self_cond=None: (seen.append((torch.is_grad_enabled(), x_self_cond)),
+                                                   forward(x, t, y, x_self_cond))[1]
+    g, x0 = torch.Generator().manual_seed(0), torch.rand(2, 3, 16, 16) * 2 - 1
+    for _ in range(40):
+        diffusion_loss(m, sched, x0, torch.eye(24)[:2], generator=g).backward()
+    graded = [sc for grad, sc in seen if grad]  # the pass the loss is taken of
+    first = [sc for grad, sc in seen if not grad]  # the pass that makes the estimate
+    assert len(graded) == 40 and all(sc.abs().sum() == 0 for sc in first)
+    with_estimate = [sc for sc in graded if sc.abs().sum() > 0]
+    assert len(with_estimate) == len(first) and 10 <= len(first) <= 30
+    assert not any(sc.requires_grad for sc in with_estimate)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from iclevr_ddpm import labels as L
-from iclevr_ddpm.diffusion import SAMPLERS, denoise, sampler_scheduler
+from iclevr_ddpm.diffusion import SAMPLERS, denoise, noise_scheduler, predicted_x0, sampler_scheduler
+from iclevr_ddpm.model import ConditionalUNet, model_kwargs
 from iclevr_ddpm.pipeline import IclevrPipeline
 from iclevr_ddpm.sampling import SampleConfig, generate, sample_split
 
@@ -76,6 +77,21 @@ def test_guidance_interval_limits_guidance_to_its_noise_levels(toy_model):
     assert torch.equal(every, guided)
     part, _ = denoise(model, s, y, gens(), 6, guidance=4.0, interval=(0.3, 0.7))
     assert not torch.allclose(part, plain, atol=1e-3) and not torch.allclose(part, guided, atol=1e-3)
+
+
+def test_a_self_conditioned_model_gets_the_previous_steps_estimate():
+    torch.manual_seed(0)
+    m = ConditionalUNet(**model_kwargs({"preset": "tiny", "self_condition": True})).eval()
+    calls, forward = [], m.forward
+    m.forward = lambda x, t, y, x_self_cond=None: calls.append((x, t, x_self_cond, forward(x, t, y, x_self_cond))) or calls[-1][3]
+    s = sampler_scheduler("ddim", noise_scheduler("cosine"))
+    y = L.multi_hot([["red cube"], ["blue cube"]])
+    denoise(m, s, y, [torch.Generator().manual_seed(i) for i in range(2)], 4, guidance=3.0)
+    assert len(calls) == 4 and calls[0][2].abs().sum() == 0  # no estimate before the first step
+    for (x, t, _, out), (_, _, sc, _) in zip(calls, calls[1:]):
+        guided = out[2:] + 3.0 * (out[:2] - out[2:])  # uncond + w (cond - uncond)
+        assert torch.allclose(sc[:2], predicted_x0(s, x[:2], t[:1], guided), atol=1e-5)
+        assert torch.equal(sc[:2], sc[2:])  # both guidance branches see the same estimate
 
 
 def test_sample_config_checks():

@@ -64,6 +64,23 @@ def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
     return ab / (1 - ab)
 
 
+def predicted_x0(scheduler, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The clean estimate x0 (B, C, R, R) from x_t and the model output `out` at timesteps t (B,)
+    or (1,): x0 = sqrt(ab) x_t - sqrt(1 - ab) v (v-prediction), (x_t - sqrt(1 - ab) eps) / sqrt(ab)
+    (epsilon), ab = alpha_bar_t. Not clamped: latents have no fixed range."""
+    ab = scheduler.alphas_cumprod.to(xt.device)[t.long()].float().view(-1, 1, 1, 1)
+    out = out.float()
+    if scheduler.config.prediction_type == "v_prediction":
+        return ab.sqrt() * xt - (1 - ab).sqrt() * out
+    return (xt - (1 - ab).sqrt() * out) / ab.sqrt()
+
+
+def self_conditioned(model) -> bool:
+    """Whether `model` (or the module an accelerate wrapper holds) takes x_self_cond."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return bool(getattr(config, "self_condition", False))
+
+
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
@@ -91,6 +108,10 @@ def diffusion_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, labels: to
     (data.object_mask), a weighted mean per image. The objects cover ~1-5% of a frame and carry
     every label. A weight that depends on x0 moves the optimum from the posterior mean towards
     objects where the posterior is wide (high noise): a trade measured on val, not free.
+    A self-conditioned model (model.self_condition) gets, on half of the batches (a coin from
+    `generator`), its own x0 estimate from a first pass without gradient as the extra input,
+    and zeros otherwise, as the sampler gives it the previous step's estimate and, at the
+    first step, zeros (Chen et al. 2023).
     """
     b, dev = x0.shape[0], x0.device
     noise = torch.randn(x0.shape, generator=generator).to(dev)
@@ -98,7 +119,13 @@ def diffusion_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, labels: to
     xt = scheduler.add_noise(x0, noise, t)
     v_pred = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(x0, noise, t) if v_pred else noise
-    err = (model(xt, t, labels).float() - target.float()).pow(2)
+    extra = {}
+    if self_conditioned(model):
+        extra["x_self_cond"] = torch.zeros_like(xt)
+        if torch.rand(1, generator=generator).item() < 0.5:
+            with torch.no_grad():
+                extra["x_self_cond"] = predicted_x0(scheduler, xt, t, model(xt, t, labels, **extra)).to(xt.dtype)
+    err = (model(xt, t, labels, **extra).float() - target.float()).pow(2)
     if object_weight:
         w = 1 + object_weight * object_mask(x0.float())  # (B, 1, R, R)
         err = (w * err).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
@@ -111,11 +138,15 @@ def diffusion_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, labels: to
     return err.mean()
 
 
-def _guided(model, x, t, labels, guidance: float):
-    """Model output with classifier-free guidance: u + w (c - u) (Ho & Salimans 2022)."""
+def _guided(model, x, t, labels, guidance: float, x_self_cond: torch.Tensor | None = None):
+    """Model output with classifier-free guidance: u + w (c - u) (Ho & Salimans 2022). Both
+    branches see the same self-conditioning estimate x_self_cond (if the model takes one)."""
+    extra = {} if x_self_cond is None else {"x_self_cond": x_self_cond}
     if guidance == 1.0:
-        return model(x, t.expand(len(x)), labels)
-    both = model(torch.cat([x, x]), t.expand(2 * len(x)), torch.cat([labels, torch.zeros_like(labels)]))
+        return model(x, t.expand(len(x)), labels, **extra)
+    if extra:
+        extra["x_self_cond"] = torch.cat([x_self_cond, x_self_cond])
+    both = model(torch.cat([x, x]), t.expand(2 * len(x)), torch.cat([labels, torch.zeros_like(labels)]), **extra)
     cond, uncond = both.chunk(2)
     return uncond + guidance * (cond - uncond)
 
@@ -140,9 +171,13 @@ def denoise(model, scheduler, labels: torch.Tensor, generators: list[torch.Gener
     # stochastic samplers (DDPM) draw their step noise from the per-image generators too
     step_kw = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     lo, hi = (v * scheduler.config.num_train_timesteps for v in interval)
+    x0_est = torch.zeros_like(x) if self_conditioned(model) else None  # the previous step's x0
     for i, t in enumerate(scheduler.timesteps):
         w = guidance if lo <= t.item() <= hi else 1.0
-        out = _guided(model, scheduler.scale_model_input(x, t), t.reshape(1).to(dev), labels, w)
+        xin, tt = scheduler.scale_model_input(x, t), t.reshape(1).to(dev)
+        out = _guided(model, xin, tt, labels, w, x0_est)
+        if x0_est is not None:
+            x0_est = predicted_x0(scheduler, xin, tt, out).to(x.dtype)
         x = scheduler.step(out, t, x, **step_kw).prev_sample
         if i + 1 in keep:
             history.append(x.clone())

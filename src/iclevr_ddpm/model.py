@@ -102,6 +102,8 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
     cost of an R/p UNet, with no autoencoder to train.
     label_features "attributes": the label projection reads (B, 24 + 8 + 3), the labels and their
     colour and shape counts (labels @ attribute_matrix()), a fixed matrix rebuilt from the config.
+    self_condition: forward also takes x_self_cond (B, C, R, R), an earlier estimate of the clean
+    input (zeros when there is none), as extra input channels (Chen et al. 2023, "Analog Bits").
     """
 
     @register_to_config
@@ -109,7 +111,8 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                  down_block_types=PRESETS["cpu"]["down_block_types"],
                  up_block_types=PRESETS["cpu"]["up_block_types"], dropout: float = 0.0,
                  norm_num_groups: int = 32, conditioning: str = "embedding", num_labels: int = NUM_LABELS,
-                 in_channels: int = 3, patch_size: int = 1, label_features: str = "objects"):
+                 in_channels: int = 3, patch_size: int = 1, label_features: str = "objects",
+                 self_condition: bool = False):
         super().__init__()
         check_choice("model.conditioning", conditioning, CONDITIONING)
         check_choice("model.label_features", label_features, LABEL_FEATURES)
@@ -120,7 +123,8 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         embed = conditioning in ("embedding", "scale_shift", "cross_attention")
         self.concat = conditioning == "concat"
         time_dim = block_out_channels[0] * 4  # UNet2DModel's time-embedding width
-        unet = dict(sample_size=resolution // patch_size, in_channels=folded + (num_labels if self.concat else 0),
+        inputs = folded * (2 if self_condition else 1) + (num_labels if self.concat else 0)
+        unet = dict(sample_size=resolution // patch_size, in_channels=inputs,
                     out_channels=folded, block_out_channels=tuple(block_out_channels),
                     layers_per_block=layers_per_block, dropout=dropout, norm_num_groups=norm_num_groups,
                     resnet_time_scale_shift="default" if conditioning in ("embedding", "concat", "none")
@@ -153,8 +157,13 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         keep = torch.cat([labels > 0, labels.new_ones(len(labels), 1, dtype=torch.bool)], dim=1)
         return dict(encoder_hidden_states=tokens.expand(len(labels), -1, -1), encoder_attention_mask=keep)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
         labels = labels.to(x.dtype)
+        if self.config.self_condition:
+            x = torch.cat([x, torch.zeros_like(x) if x_self_cond is None else x_self_cond.to(x.dtype)], dim=1)
+        elif x_self_cond is not None:
+            raise ValueError("x_self_cond given to a model built without self_condition")
         x = nn.functional.pixel_unshuffle(x, self.config.patch_size)  # identity for patch 1
         if self.concat:
             x = torch.cat([x, labels[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
