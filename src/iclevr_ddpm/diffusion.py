@@ -119,13 +119,11 @@ def diffusion_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, labels: to
     xt = scheduler.add_noise(x0, noise, t)
     v_pred = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(x0, noise, t) if v_pred else noise
-    extra = {}
-    if self_conditioned(model):
-        extra["x_self_cond"] = torch.zeros_like(xt)
-        if torch.rand(1, generator=generator).item() < 0.5:
-            with torch.no_grad():
-                extra["x_self_cond"] = predicted_x0(scheduler, xt, t, model(xt, t, labels, **extra)).to(xt.dtype)
-    err = (model(xt, t, labels, **extra).float() - target.float()).pow(2)
+    sc = {}  # no estimate: a self-conditioned model reads zeros
+    if self_conditioned(model) and torch.rand(1, generator=generator).item() < 0.5:
+        with torch.no_grad():
+            sc["x_self_cond"] = predicted_x0(scheduler, xt, t, model(xt, t, labels))
+    err = (model(xt, t, labels, **sc).float() - target.float()).pow(2)
     if object_weight:
         w = 1 + object_weight * object_mask(x0.float())  # (B, 1, R, R)
         err = (w * err).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
@@ -140,13 +138,13 @@ def diffusion_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, labels: to
 
 def _guided(model, x, t, labels, guidance: float, x_self_cond: torch.Tensor | None = None):
     """Model output with classifier-free guidance: u + w (c - u) (Ho & Salimans 2022). Both
-    branches see the same self-conditioning estimate x_self_cond (if the model takes one)."""
-    extra = {} if x_self_cond is None else {"x_self_cond": x_self_cond}
+    branches see the same self-conditioning estimate x_self_cond (None: none yet, or a model
+    without self-conditioning)."""
+    sc = {} if x_self_cond is None else {"x_self_cond": x_self_cond}
     if guidance == 1.0:
-        return model(x, t.expand(len(x)), labels, **extra)
-    if extra:
-        extra["x_self_cond"] = torch.cat([x_self_cond, x_self_cond])
-    both = model(torch.cat([x, x]), t.expand(2 * len(x)), torch.cat([labels, torch.zeros_like(labels)]), **extra)
+        return model(x, t.expand(len(x)), labels, **sc)
+    sc = {k: torch.cat([v, v]) for k, v in sc.items()}
+    both = model(torch.cat([x, x]), t.expand(2 * len(x)), torch.cat([labels, torch.zeros_like(labels)]), **sc)
     cond, uncond = both.chunk(2)
     return uncond + guidance * (cond - uncond)
 
@@ -171,13 +169,13 @@ def denoise(model, scheduler, labels: torch.Tensor, generators: list[torch.Gener
     # stochastic samplers (DDPM) draw their step noise from the per-image generators too
     step_kw = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     lo, hi = (v * scheduler.config.num_train_timesteps for v in interval)
-    x0_est = torch.zeros_like(x) if self_conditioned(model) else None  # the previous step's x0
+    self_cond, x0_est = self_conditioned(model), None  # x0_est: the previous step's x0
     for i, t in enumerate(scheduler.timesteps):
         w = guidance if lo <= t.item() <= hi else 1.0
         xin, tt = scheduler.scale_model_input(x, t), t.reshape(1).to(dev)
         out = _guided(model, xin, tt, labels, w, x0_est)
-        if x0_est is not None:
-            x0_est = predicted_x0(scheduler, xin, tt, out).to(x.dtype)
+        if self_cond:
+            x0_est = predicted_x0(scheduler, xin, tt, out)
         x = scheduler.step(out, t, x, **step_kw).prev_sample
         if i + 1 in keep:
             history.append(x.clone())
