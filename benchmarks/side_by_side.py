@@ -49,14 +49,22 @@ def stage(name: str, *args) -> list[str]:
 VAL = ROOT / "data/processed/val.json"
 
 
+def run_quiet(cmd: list[str], d: Path, env: dict) -> None:
+    """Run a stage in variant folder d, its output captured; if it fails, stop with its last
+    error lines (e.g. an unknown key in d/params.yaml), not a bare exit status."""
+    proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise SystemExit(f"variant {d.name}: {Path(cmd[1]).name} failed (exit {proc.returncode}) "
+                         f"with {d / 'params.yaml'}:\n{tail}")
+
+
 def score_val(d: Path, model: Path, ev: Path, env: dict) -> dict:
     """Sample every val condition with d/params.yaml's sampler, score it; metrics + seconds."""
     t0 = time.perf_counter()
-    subprocess.run(stage("sample", model, VAL, "val", "grid.png", "progression.png"), cwd=d, env=env, check=True,
-                   capture_output=True)
+    run_quiet(stage("sample", model, VAL, "val", "grid.png", "progression.png"), d, env)
     seconds = time.perf_counter() - t0
-    subprocess.run(stage("evaluate", ev, "val", VAL, "val.json", "val.csv"), cwd=d, env=env, check=True,
-                   capture_output=True)
+    run_quiet(stage("evaluate", ev, "val", VAL, "val.json", "val.csv"), d, env)
     return {**json.loads((d / "val.json").read_text()), "sample_seconds": round(seconds, 1)}
 
 

@@ -60,6 +60,17 @@ def test_a_failed_variant_leaves_the_others_scored(sbs, tmp_path, monkeypatch, c
     assert "| good | 8 | 1.0 | 3.2 | - | 0.5 (259/518) |" in out
 
 
+def test_a_failed_sampling_stage_names_the_variant_and_shows_its_error(sbs, tmp_path):
+    """A typo in an override (sample.guidance_scale for sample.guidance) stops with the stage's
+    own message, not a bare exit status; no model is needed, the params are read first."""
+    sbs.write_variants(tmp_path, ["g5=sample.guidance_scale=5"])
+    with pytest.raises(SystemExit) as err:
+        sbs.sample_only(str(tmp_path), "g5=sample.guidance_scale=5", ev=tmp_path / "ev", model=tmp_path / "ddpm")
+    msg = str(err.value)
+    assert msg.startswith(f"variant g5: sample.py failed (exit 2) with {tmp_path / 'g5' / 'params.yaml'}")
+    assert "sample.guidance_scale is not a known key" in msg
+
+
 def test_processes_runs_the_train_stage_with_its_arguments_and_the_global_batch(tmp_path, monkeypatch):
     """benchmarks/processes.py: two processes get half the batch each, and the stage's full argument list."""
     procs, stage = _load(ROOT / "benchmarks" / "processes.py"), _load(ROOT / "stages" / "train.py")
