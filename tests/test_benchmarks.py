@@ -63,7 +63,6 @@ def test_a_failed_variant_leaves_the_others_scored(sbs, tmp_path, monkeypatch, c
 def test_a_failed_sampling_stage_names_the_variant_and_shows_its_error(sbs, tmp_path):
     """A typo in an override (sample.guidance_scale for sample.guidance) stops with the stage's
     own message, not a bare exit status; no model is needed, the params are read first."""
-    sbs.write_variants(tmp_path, ["g5=sample.guidance_scale=5"])
     with pytest.raises(SystemExit) as err:
         sbs.sample_only(str(tmp_path), "g5=sample.guidance_scale=5", ev=tmp_path / "ev", model=tmp_path / "ddpm")
     msg = str(err.value)
