@@ -10,12 +10,12 @@ same global batch), and prints images/s for each. Needs data/processed/iclevr.pt
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import yaml
+from stage_run import run_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [str(ROOT / "data/processed/iclevr.pt"), "m", "ck", "live", "train.json", "unused.pth",
@@ -35,7 +35,7 @@ def run(out: Path, steps: int, processes: int) -> dict:
                 str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd = (launcher if processes > 1 else [sys.executable]) + [str(ROOT / "stages/train.py"), *ARGS]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
-    subprocess.run(cmd, cwd=d, env=env, check=True, capture_output=True)
+    run_quiet(cmd, d, env)
     return {"threads_each": threads, **json.loads((d / "train.json").read_text())}
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
+from stage_run import run_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,16 +48,6 @@ def stage(name: str, *args) -> list[str]:
 
 
 VAL = ROOT / "data/processed/val.json"
-
-
-def run_quiet(cmd: list[str], d: Path, env: dict) -> None:
-    """Run a stage in variant folder d, its output captured; if it fails, stop with its last
-    error lines (e.g. an unknown key in d/params.yaml), not a bare exit status."""
-    proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-        raise SystemExit(f"variant {d.name}: {Path(cmd[1]).name} failed (exit {proc.returncode}) "
-                         f"with {d / 'params.yaml'}:\n{tail}")
 
 
 def score_val(d: Path, model: Path, ev: Path, env: dict) -> dict:

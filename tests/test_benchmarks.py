@@ -3,6 +3,8 @@ benchmarks/processes.py: what it launches."""
 import importlib.util
 import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(path: Path):
-    """The script at path as a module (benchmarks/ and stages/ are not packages)."""
+    """The script at path as a module (benchmarks/ and stages/ are not packages), its folder on
+    sys.path as when Python runs it (benchmarks import stage_run beside them)."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -66,7 +71,7 @@ def test_a_failed_sampling_stage_names_the_variant_and_shows_its_error(sbs, tmp_
     with pytest.raises(SystemExit) as err:
         sbs.sample_only(str(tmp_path), "g5=sample.guidance_scale=5", ev=tmp_path / "ev", model=tmp_path / "ddpm")
     msg = str(err.value)
-    assert msg.startswith(f"variant g5: sample.py failed (exit 2) with {tmp_path / 'g5' / 'params.yaml'}")
+    assert msg.startswith(f"g5: sample.py failed (exit 2) with {tmp_path / 'g5' / 'params.yaml'}")
     assert "sample.guidance_scale is not a known key" in msg
 
 
@@ -78,7 +83,8 @@ def test_processes_runs_the_train_stage_with_its_arguments_and_the_global_batch(
     def fake_run(cmd, cwd, **kw):
         calls.append(cmd)
         (Path(cwd) / "train.json").write_text(json.dumps({"images_per_second": 1.0}))
-    monkeypatch.setattr(procs.subprocess, "run", fake_run)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(subprocess, "run", fake_run)
     base = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["batch_size"]
     for n in (1, 2):
         procs.run(tmp_path, 5, n)
@@ -87,3 +93,16 @@ def test_processes_runs_the_train_stage_with_its_arguments_and_the_global_batch(
         script = calls[-1].index(str(ROOT / "stages/train.py"))
         assert len(calls[-1][script + 1:]) == len(inspect.signature(stage.main).parameters)
     assert "--num_processes" in calls[1] and calls[1][calls[1].index("--num_processes") + 1] == "2"
+
+
+def test_processes_stops_with_the_stage_error_of_a_failed_run(tmp_path, monkeypatch):
+    """A failing stages/train.py under the launcher stops with the run's folder, the script and
+    its last error lines, not a bare CalledProcessError."""
+    procs = _load(ROOT / "benchmarks" / "processes.py")
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, "", "Traceback ...\nerror: params.yaml: train.batch_size: 0: expected a positive integer\n"))
+    with pytest.raises(SystemExit) as err:
+        procs.run(tmp_path, 5, 2)
+    msg = str(err.value)
+    assert msg.startswith(f"p2: train.py failed (exit 1) with {tmp_path / 'p2' / 'params.yaml'}:")
+    assert msg.endswith("train.batch_size: 0: expected a positive integer")
