@@ -4,7 +4,6 @@ import importlib.util
 import inspect
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(path: Path):
-    """The script at path as a module (benchmarks/ and stages/ are not packages), its folder on
-    sys.path as when Python runs it (benchmarks import stage_run beside them)."""
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
+    """The script at path as a module (benchmarks/ and stages/ are not packages; benchmarks/ is
+    on pytest's pythonpath for the stage_run they import)."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
