@@ -64,6 +64,27 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_processed, tmp_path, k
     assert all(torch.allclose(full[k], resumed[k], atol=1e-6) for k in full)
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["finishes", "fails"])
+def test_train_ends_the_process_group_it_ran_in(tiny_processed, tmp_path, monkeypatch, fails):
+    # a gloo worker that exits with its group alive can abort in teardown (SIGABRT, CI of 21b1f3b),
+    # so every process ends the group, whether its training finishes or raises
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        if fails:
+            def step(*args):
+                raise FloatingPointError("boom")
+            monkeypatch.setattr(T, "train_step", step)
+            with pytest.raises(FloatingPointError, match="boom"):
+                _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(max_steps=5), "pg")
+        else:
+            assert _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(max_steps=5), "pg")["steps"] == 5
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_auto_precision_on_a_bf16_cpu_is_timed_and_kept_on_resume(tiny_processed, tmp_path, monkeypatch,
                                                                    kill_after_first_save, capsys):
     data = tiny_processed[0] / "iclevr.pt"

@@ -355,9 +355,15 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
             save_torch({**run.state(fp, rngs), "precision": acc.mixed_precision}, ckpt)
 
     start = run.step
-    loss_avg, val_acc, eval_seconds, seconds = _loop(acc, model, opt, run, noise, x_all, labels, cfg,
-                                                     probe, live, save_checkpoint)
-    _check_in_sync(acc, run.model)
+    try:
+        loss_avg, val_acc, eval_seconds, seconds = _loop(acc, model, opt, run, noise, x_all, labels, cfg,
+                                                         probe, live, save_checkpoint)
+        _check_in_sync(acc, run.model)  # the last collective
+    finally:
+        # Each process destroys its process group before it exits: a gloo worker that exits with
+        # the group alive can abort in teardown (SIGABRT, "terminate called without an active
+        # exception", pytorch/pytorch#190489). A no-op with one process.
+        acc.end_training()
     if not acc.is_main_process:
         return None
     save_pipeline(run.ema_model(), noise, cfg, out_dir, vae.cpu() if vae is not None else None)
