@@ -66,8 +66,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_processed, tmp_path, k
 
 @pytest.mark.parametrize("fails", [False, True], ids=["finishes", "fails"])
 def test_train_ends_the_process_group_it_ran_in(tiny_processed, tmp_path, monkeypatch, fails):
-    # a gloo worker that exits with its group alive can abort in teardown (SIGABRT, CI of 21b1f3b),
-    # so every process ends the group, whether its training finishes or raises
+    # a gloo worker that exits with its group alive can abort in teardown (SIGABRT, seen once in
+    # tests/test_multiprocess.py), so every process ends the group, finished or raising
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
