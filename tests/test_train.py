@@ -6,6 +6,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 import iclevr_ddpm.train as T
+from iclevr_ddpm.errors import UserError
 from iclevr_ddpm.model import model_kwargs
 from iclevr_ddpm.pipeline import IclevrPipeline
 
@@ -64,21 +65,25 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_processed, tmp_path, k
     assert all(torch.allclose(full[k], resumed[k], atol=1e-6) for k in full)
 
 
-@pytest.mark.parametrize("fails", [False, True], ids=["finishes", "fails"])
+@pytest.mark.parametrize("fails", [None, "loop", "setup"], ids=["finishes", "fails_in_loop", "fails_in_setup"])
 def test_train_ends_the_process_group_it_ran_in(tiny_processed, tmp_path, monkeypatch, fails):
     # a gloo worker that exits with its group alive can abort in teardown (SIGABRT, seen once in
     # tests/test_multiprocess.py), so every process ends the group, finished or raising
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    data = tiny_processed[0] / "iclevr.pt"
     try:
-        if fails:
+        if fails == "loop":
             def step(*args):
                 raise FloatingPointError("boom")
             monkeypatch.setattr(T, "train_step", step)
             with pytest.raises(FloatingPointError, match="boom"):
-                _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(max_steps=5), "pg")
+                _run(tmp_path, data, _cfg(max_steps=5), "pg")
+        elif fails == "setup":  # the probe is set up before the loop, and has no evaluator here
+            with pytest.raises(UserError, match="needs an evaluator"):
+                _run(tmp_path, data, _cfg(max_steps=5, eval_every=5), "pg")
         else:
-            assert _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(max_steps=5), "pg")["steps"] == 5
+            assert _run(tmp_path, data, _cfg(max_steps=5), "pg")["steps"] == 5
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():

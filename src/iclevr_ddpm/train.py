@@ -3,6 +3,7 @@ precision), diffusers EMA and LR schedules, dvclive logging, atomic checkpoints 
 exact resume after a kill."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -315,6 +316,21 @@ def _start(cfg: TrainConfig, device: str, noise, model_kw: dict, ckpt: Path,
     return acc, run, saved is not None
 
 
+def _ends_process_group(fn):
+    """fn, then (finished or raising) the end of the process group it ran in: a gloo worker that
+    exits with its group alive can abort in teardown (SIGABRT, "terminate called without an
+    active exception", pytorch/pytorch#190489). Nothing to end with one process."""
+    @functools.wraps(fn)
+    def ended(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    return ended
+
+
+@_ends_process_group
 def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, data_path,
           out_dir, ckpt_dir, live_dir, evaluator=None, val_conditions=None, autoencoder=None) -> dict:
     """Train from the tensor file; write the EMA model to out_dir (save_pretrained).
@@ -355,15 +371,9 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
             save_torch({**run.state(fp, rngs), "precision": acc.mixed_precision}, ckpt)
 
     start = run.step
-    try:
-        loss_avg, val_acc, eval_seconds, seconds = _loop(acc, model, opt, run, noise, x_all, labels, cfg,
-                                                         probe, live, save_checkpoint)
-        _check_in_sync(acc, run.model)  # the last collective
-    finally:
-        # Each process destroys its process group before it exits: a gloo worker that exits with
-        # the group alive can abort in teardown (SIGABRT, "terminate called without an active
-        # exception", pytorch/pytorch#190489). A no-op with one process.
-        acc.end_training()
+    loss_avg, val_acc, eval_seconds, seconds = _loop(acc, model, opt, run, noise, x_all, labels, cfg,
+                                                     probe, live, save_checkpoint)
+    _check_in_sync(acc, run.model)
     if not acc.is_main_process:
         return None
     save_pipeline(run.ema_model(), noise, cfg, out_dir, vae.cpu() if vae is not None else None)
