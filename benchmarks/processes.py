@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from stage_run import run_quiet
+from stage_run import run_quiet, stage_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [str(ROOT / "data/processed/iclevr.pt"), "m", "ck", "live", "train.json", "unused.pth",
@@ -33,7 +33,7 @@ def run(out: Path, steps: int, processes: int) -> dict:
     threads = max(1, torch.get_num_threads() // processes)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                 str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd = (launcher if processes > 1 else [sys.executable]) + [str(ROOT / "stages/train.py"), *ARGS]
+    cmd = (launcher if processes > 1 else [sys.executable]) + [stage_script("train"), *ARGS]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
     run_quiet(cmd, d, env)
     return {"threads_each": threads, **json.loads((d / "train.json").read_text())}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
-from stage_run import run_quiet
+from stage_run import run_quiet, stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,10 +41,6 @@ def variant_params(spec: str) -> tuple[str, dict]:
             node = node[p]
         node[leaf] = yaml.safe_load(value)
     return name, params
-
-
-def stage(name: str, *args) -> list[str]:
-    return [sys.executable, str(ROOT / "stages" / f"{name}.py"), *map(str, args)]
 
 
 VAL = ROOT / "data/processed/val.json"

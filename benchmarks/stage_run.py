@@ -2,7 +2,20 @@
 
 Imported by the benchmark scripts beside it (a script's own folder is on sys.path)."""
 import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_script(name: str) -> str:
+    """The path of stages/<name>.py."""
+    return str(ROOT / "stages" / f"{name}.py")
+
+
+def stage(name: str, *args) -> list[str]:
+    """The command line that runs stages/<name>.py with args in this Python."""
+    return [sys.executable, stage_script(name), *map(str, args)]
 
 
 def run_quiet(cmd: list[str], d: Path, env: dict) -> None:
