@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from stage_run import run_quiet, stage_script
+from stage_run import ROOT, run_quiet, stage_script
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = [str(ROOT / "data/processed/iclevr.pt"), "m", "ck", "live", "train.json", "unused.pth",
         str(ROOT / "data/processed/val.json"), "unused_autoencoder"]
 

@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
-from stage_run import run_quiet, stage
-
-ROOT = Path(__file__).resolve().parents[1]
+from stage_run import ROOT, run_quiet, stage
 
 
 def variant_params(spec: str) -> tuple[str, dict]:
