@@ -147,12 +147,73 @@ def test_a_collapsing_loss_stops_training_with_its_step(tiny_processed, tmp_path
         return real(*a, **kw) * (100.0 if calls["n"] > 8 else 1.0)
 
     monkeypatch.setattr(T, "diffusion_loss", jump_after_eight)
-    with pytest.raises(FloatingPointError, match=r"training collapsed at step \d+: .* over 5 times") as e:
+    with pytest.raises(FloatingPointError, match=r"training collapsed at step \d+: .* over 5 times .*, after 0 of "
+                                                 r"train.collapse_rollbacks 0 rollbacks; try a lower train.lr") as e:
         _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(), "collapse")
     assert 9 <= int(re.search(r"at step (\d+):", str(e.value))[1]) <= 16  # after the jump, within a few steps
     calls["n"] = 0
     _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(collapse_factor=0.0), "unchecked")  # off: runs through
     assert calls["n"] == 20
+
+
+def _lrs(live):
+    rows = (live / "plots" / "metrics" / "lr.tsv").read_text().splitlines()[1:]
+    return {int(r.split("\t")[0]): float(r.split("\t")[1]) for r in rows}
+
+
+def test_a_collapse_rolls_back_to_the_older_checkpoint_at_a_lower_lr(tiny_processed, tmp_path, monkeypatch, capsys):
+    data, state = tiny_processed[0] / "iclevr.pt", {"n": 0, "scaled": False}
+    real_loss, real_scale = T.diffusion_loss, T.Run.scale_lr
+
+    def jump_until_scaled(*a, **kw):  # 100x from step 23 on, until the lr has been lowered
+        state["n"] += 1
+        return real_loss(*a, **kw) * (100.0 if state["n"] > 22 and not state["scaled"] else 1.0)
+
+    def scale(run, factor):
+        state["scaled"] = True
+        real_scale(run, factor)
+
+    monkeypatch.setattr(T, "diffusion_loss", jump_until_scaled)
+    monkeypatch.setattr(T.Run, "scale_lr", scale)
+    cfg = _cfg(max_steps=40, collapse_rollbacks=1, rollback_lr_scale=0.25)
+    res = _run(tmp_path, data, cfg, "rolled")
+    detected = int(re.search(r"collapsed at step (\d+):.*: back to step 10 ", capsys.readouterr().out)[1])
+    assert 23 <= detected <= 30  # seen within a few steps; back to 10, not to 20 (< checkpoint_every before)
+    assert res["steps"] == 40 and res["rollbacks"] == 1 and res["steps_this_run"] == 40 + detected - 10
+    assert state["n"] == res["steps_this_run"]
+    ckpt = torch.load(tmp_path / "rolled_ckpt" / "checkpoint.pt", weights_only=True)
+    assert ckpt["rollbacks"] == 1 and ckpt["lr_scheduler"]["base_lrs"] == [pytest.approx(cfg.lr * 0.25)]
+    monkeypatch.setattr(T, "diffusion_loss", real_loss)
+    _run(tmp_path, data, _cfg(max_steps=40), "plain")
+    rolled, plain = _lrs(tmp_path / "rolled_live"), _lrs(tmp_path / "plain_live")
+    assert rolled[35] == pytest.approx(plain[35] * 0.25) and rolled[35] > 0  # the schedule's shape, scaled
+
+
+def test_keeping_rollback_checkpoints_changes_nothing_without_a_collapse(tiny_processed, tmp_path):
+    data = tiny_processed[0] / "iclevr.pt"
+    res = _run(tmp_path, data, _cfg(collapse_rollbacks=2), "kept")
+    _run(tmp_path, data, _cfg(), "none")
+    kept, none = _weights(tmp_path / "kept_model"), _weights(tmp_path / "none_model")
+    assert res["rollbacks"] == 0 and all(torch.equal(kept[k], none[k]) for k in kept)
+
+
+def test_rollbacks_are_counted_and_then_the_collapse_stops_training(tiny_processed, tmp_path, monkeypatch):
+    real = T.diffusion_loss
+    calls = {"n": 0}
+
+    def jump_from_23(*a, **kw):  # never recovers, whatever the lr
+        calls["n"] += 1
+        return real(*a, **kw) * (100.0 if calls["n"] > 22 else 1.0)
+
+    monkeypatch.setattr(T, "diffusion_loss", jump_from_23)
+    with pytest.raises(FloatingPointError, match=r"collapsed at step \d+: .*, after 1 of train.collapse_rollbacks 1 "):
+        _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(max_steps=60, collapse_rollbacks=1), "spent")
+    calls["n"] = 0  # every 20 steps: at the collapse (~step 25) only step 20 is saved, nothing older
+    with pytest.raises(FloatingPointError, match=r"collapsed at step \d+: .*, with no older checkpoint"):
+        _run(tmp_path, tiny_processed[0] / "iclevr.pt", _cfg(max_steps=40, checkpoint_every=20, collapse_rollbacks=1),
+             "early")
+    with pytest.raises(UserError, match="train.rollback_lr_scale 1.5; expected >= 0 and in"):
+        _cfg(collapse_rollbacks=1, rollback_lr_scale=1.5)
 
 
 def test_timestep_sampling_reaches_the_loss(tiny_processed, tmp_path, monkeypatch):

@@ -3,8 +3,10 @@ precision), diffusers EMA and LR schedules, dvclive logging, atomic checkpoints 
 exact resume after a kill."""
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
+import io
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -47,7 +49,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_beta2: float = 0.999      # AdamW's second-moment decay (its first stays 0.9)
     grad_clip: float = 1.0
-    collapse_factor: float = 5.0   # stop when the smoothed loss passes this times its low since warm-up
+    collapse_factor: float = 5.0   # a collapse: the smoothed loss passes this times its low since warm-up
+    collapse_rollbacks: int = 0    # on a collapse go back to the checkpoint before the latest, this many times
+    rollback_lr_scale: float = 0.5  # and multiply the lr schedule by this at each rollback
     ema_decay: float = 0.999       # the cap of the EMA decay
     ema_power: float = 2 / 3       # warm-up: decay = min(ema_decay, 1 - (1 + step)^-ema_power)
     p_uncond: float = 0.1          # label dropout for classifier-free guidance
@@ -65,6 +69,9 @@ class TrainConfig:
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         check_choice("train.mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.collapse_rollbacks < 0 or not 0 < self.rollback_lr_scale <= 1:
+            raise UserError(f"params.yaml: train.collapse_rollbacks is {self.collapse_rollbacks} and "
+                            f"train.rollback_lr_scale {self.rollback_lr_scale}; expected >= 0 and in (0, 1]")
         if self.object_weight < 0:
             raise UserError(f"params.yaml: train.object_weight is {self.object_weight}; expected >= 0 (0 = off)")
         from_params(SampleConfig, self.eval_sample, "train.eval_sample")  # fail at start on a bad key
@@ -73,7 +80,7 @@ class TrainConfig:
 # settings that change neither the trained weights nor their order of updates: a checkpoint
 # written under other values of these is resumed
 NOT_FINGERPRINTED = ("checkpoint_every", "log_every", "eval_every", "eval_images", "eval_sample",
-                     "collapse_factor")
+                     "collapse_factor", "collapse_rollbacks", "rollback_lr_scale")
 
 
 def _loss(cfg: TrainConfig, model, noise, x0: torch.Tensor, y: torch.Tensor, gen) -> torch.Tensor:
@@ -136,13 +143,14 @@ class Run:
         self.gen = torch.Generator().manual_seed(cfg.seed + seed_offset)
         self.step = 0
         self.train_seconds = 0.0  # optimisation time over all runs, evaluation excluded
+        self.rollbacks = 0        # collapses rolled back so far (the lr schedule is scaled as many times)
 
     def state(self, fp: str, rngs: list[torch.Tensor]) -> dict:
         """rngs: every process's batch-generator state, by rank (the rest is the same on all)."""
         return {"fingerprint": fp, "step": self.step, "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "lr_scheduler": self.lr_sched.state_dict(), "rng": rngs,
-                "train_seconds": self.train_seconds}
+                "train_seconds": self.train_seconds, "rollbacks": self.rollbacks}
 
     def load(self, state: dict, rank: int = 0) -> None:
         self.model.load_state_dict(state["model"])
@@ -152,6 +160,15 @@ class Run:
         self.gen.set_state(state["rng"][rank])
         self.step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.rollbacks = state.get("rollbacks", 0)
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the lr schedule by factor from this step on: the schedule is a LambdaLR,
+        lr = base_lr * lambda(step), so its base lrs scale (and travel in its state)."""
+        self.lr_sched.base_lrs = [lr * factor for lr in self.lr_sched.base_lrs]
+        for group, base in zip(self.opt.param_groups, self.lr_sched.base_lrs):
+            group["initial_lr"] = base
+            group["lr"] *= factor
 
     def ema_model(self) -> ConditionalUNet:
         """A new model holding the EMA weights, on the CPU, in eval mode."""
@@ -181,7 +198,7 @@ class ValProbe:
 def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, labels: torch.Tensor,
                cfg: TrainConfig) -> tuple[float, float]:
     """One optimisation step on a random batch of x_all (N, C, R, R) (pixels in [-1, 1] or scaled
-    latents); returns the loss and the gradient norm before clipping."""
+    latents); returns the loss (the mean over processes) and the gradient norm before clipping."""
     idx = torch.randint(len(x_all), (cfg.batch_size,), generator=run.gen)
     x0, y = x_all[idx].to(acc.device), labels[idx].clone()
     y[torch.rand(len(y), generator=run.gen) < cfg.p_uncond] = 0.0  # label dropout -> null condition
@@ -198,7 +215,8 @@ def train_step(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tenso
     opt.zero_grad(set_to_none=True)
     run.ema.step(acc.unwrap_model(model).parameters())
     run.step += 1
-    return loss.item(), float(grad_norm)
+    # the mean over processes: every process judges a collapse on the same loss and rolls back with the rest
+    return (acc.reduce(loss.detach(), "mean") if acc.num_processes > 1 else loss).item(), float(grad_norm)
 
 
 def _log(live: Live | None, step: int, metrics: dict) -> None:
@@ -244,34 +262,79 @@ def _probe(cfg: TrainConfig, acc: Accelerator, noise, evaluator, val_conditions,
                     vae.to(acc.device) if vae is not None else None)
 
 
-def _check_collapse(cfg: TrainConfig, step: int, loss_avg: float, low: float) -> float:
-    """Raise when the smoothed loss has risen to cfg.collapse_factor times its lowest since
-    warm-up; return the new lowest. A collapsed run (lr too high: the loss jumps from ~0.005 to
-    0.1-0.5 and stays there) need not reach a NaN; finished runs here rose at most 1.4x."""
-    if step <= cfg.warmup_steps or not cfg.collapse_factor:
-        return low
-    if loss_avg > cfg.collapse_factor * low:
-        raise FloatingPointError(f"training collapsed at step {step}: smoothed loss {loss_avg:.4g} is over "
-                                 f"{cfg.collapse_factor:g} times its lowest since warm-up ({low:.4g}); "
-                                 f"try a lower train.lr (train.collapse_factor: 0 turns this check off)")
-    return min(low, loss_avg)
+def _collapse(cfg: TrainConfig, step: int, loss_avg: float, low: float) -> str | None:
+    """Why the run has collapsed, or None: the smoothed loss has risen to cfg.collapse_factor
+    times its lowest since warm-up, `low`. A collapsed run (lr too high: the loss jumps from
+    ~0.005 to 0.1-0.5 and stays there) need not reach a NaN; finished runs here rose at most 1.4x."""
+    if step <= cfg.warmup_steps or not cfg.collapse_factor or not loss_avg > cfg.collapse_factor * low:
+        return None
+    return (f"training collapsed at step {step}: smoothed loss {loss_avg:.4g} is over "
+            f"{cfg.collapse_factor:g} times its lowest since warm-up ({low:.4g})")
+
+
+def _serialised(state: dict) -> bytes:
+    """A checkpoint's state as the bytes torch.save writes: a copy off the device, read back
+    with load_torch's weights_only=True like the file."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+class Rollback:
+    """The last two checkpoints, in memory, and the way back to the older when training collapses.
+
+    The older one was written at least checkpoint_every steps before the guard saw the collapse:
+    the smoothed loss lags the raw loss by ~50 steps, so the latest may already hold damaged weights."""
+
+    def __init__(self, cfg: TrainConfig, run: Run, device):
+        self.cfg, self.run, self.device = cfg, run, device
+        self.saved = collections.deque(maxlen=2)
+
+    def keep(self, state: dict) -> None:
+        if self.cfg.collapse_rollbacks:
+            self.saved.append(_serialised(state))
+
+    def __call__(self, why: str, rank: int) -> None:
+        """Restore the older checkpoint with the lr schedule scaled by cfg.rollback_lr_scale;
+        raise FloatingPointError(why) when the rollbacks are spent or there is no older checkpoint."""
+        run, cfg = self.run, self.cfg
+        if run.rollbacks >= cfg.collapse_rollbacks or len(self.saved) < 2:
+            spent = (f"after {run.rollbacks} of train.collapse_rollbacks {cfg.collapse_rollbacks} rollbacks"
+                     if run.rollbacks >= cfg.collapse_rollbacks else "with no older checkpoint to roll back to")
+            raise FloatingPointError(f"{why}, {spent}; try a lower train.lr "
+                                     f"(train.collapse_factor: 0 turns this check off)")
+        seconds, rollbacks = run.train_seconds, run.rollbacks + 1
+        run.load(torch.load(io.BytesIO(self.saved[0]), map_location="cpu", weights_only=True), rank)
+        run.ema.to(self.device)
+        run.train_seconds, run.rollbacks = seconds, rollbacks  # minutes spent stay spent
+        run.scale_lr(cfg.rollback_lr_scale)
+        self.saved.clear()
+        print(f"{why}: back to step {run.step} with the lr schedule x{cfg.rollback_lr_scale ** rollbacks:g} "
+              f"(rollback {rollbacks} of {cfg.collapse_rollbacks})", flush=True)
 
 
 def _loop(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, labels: torch.Tensor,
-          cfg: TrainConfig, probe: ValProbe | None, live: Live | None, save_checkpoint) -> tuple:
-    """Steps from run.step to cfg.max_steps: logs to `live`, probes val every cfg.eval_every steps
-    and calls save_checkpoint() every cfg.checkpoint_every steps and at the end.
-    Returns (smoothed loss, last val_accuracy or None, evaluation seconds, wall seconds)."""
-    t0, start, loss_avg, val_acc, eval_seconds = time.perf_counter(), run.step, math.nan, None, 0.0
+          cfg: TrainConfig, probe: ValProbe | None, live: Live | None, save_checkpoint, rollback: Rollback) -> tuple:
+    """Steps from run.step to cfg.max_steps: logs to `live`, probes val every cfg.eval_every steps,
+    calls save_checkpoint() every cfg.checkpoint_every steps and at the end, and rollback() on a collapse.
+    Returns (smoothed loss, last val_accuracy or None, evaluation seconds, wall seconds, steps run)."""
+    t0, steps, loss_avg, val_acc, eval_seconds = time.perf_counter(), 0, math.nan, None, 0.0
     low = math.inf  # the lowest smoothed loss since warm-up
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not acc.is_main_process)
     while run.step < cfg.max_steps:
         t_step = time.perf_counter()
         loss, grad_norm = train_step(acc, model, opt, run, noise, x_all, labels, cfg)
         run.train_seconds += time.perf_counter() - t_step
+        steps += 1
         loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
-        low = _check_collapse(cfg, run.step, loss_avg, low)
-        rate = (run.step - start) * cfg.batch_size * acc.num_processes / (time.perf_counter() - t0 - eval_seconds)
+        why = _collapse(cfg, run.step, loss_avg, low)
+        if why is not None:
+            rollback(why, acc.process_index)  # raises when none is left
+            save_checkpoint()  # a kill from here on resumes at the restored step and lr
+            loss_avg, bar.n = low, run.step  # the restored weights were healthy: their loss was near the low
+            continue
+        low = min(low, loss_avg) if run.step > cfg.warmup_steps else low
+        rate = steps * cfg.batch_size * acc.num_processes / (time.perf_counter() - t0 - eval_seconds)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{rate:.0f}", refresh=False)
         if run.step % cfg.log_every == 0:
@@ -285,7 +348,7 @@ def _loop(acc: Accelerator, model, opt, run: Run, noise, x_all: torch.Tensor, la
         if run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps:
             save_checkpoint()
     bar.close()
-    return loss_avg, val_acc, eval_seconds, time.perf_counter() - t0
+    return loss_avg, val_acc, eval_seconds, time.perf_counter() - t0, steps
 
 
 def _latent_inputs(cfg: TrainConfig, autoencoder, images: torch.Tensor, model_kw: dict) -> tuple:
@@ -365,22 +428,24 @@ def train(cfg: TrainConfig, model_kw: dict, diffusion_kw: dict, schedule: str, d
     run.ema.to(acc.device)
     live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None) if acc.is_main_process else None
 
+    rollback = Rollback(cfg, run, acc.device)
+
     def save_checkpoint():
         rngs = gather_object([run.gen.get_state()])  # every rank's batch RNG, by rank
+        state = {**run.state(fp, rngs), "precision": acc.mixed_precision}
+        rollback.keep(state)
         if acc.is_main_process:
-            save_torch({**run.state(fp, rngs), "precision": acc.mixed_precision}, ckpt)
+            save_torch(state, ckpt)
 
-    start = run.step
-    loss_avg, val_acc, eval_seconds, seconds = _loop(acc, model, opt, run, noise, x_all, labels, cfg,
-                                                     probe, live, save_checkpoint)
+    loss_avg, val_acc, eval_seconds, seconds, steps_run = _loop(acc, model, opt, run, noise, x_all, labels, cfg,
+                                                                probe, live, save_checkpoint, rollback)
     _check_in_sync(acc, run.model)
     if not acc.is_main_process:
         return None
     save_pipeline(run.ema_model(), noise, cfg, out_dir, vae.cpu() if vae is not None else None)
     live.end()
-    steps_run = run.step - start
     images_per_s = steps_run * cfg.batch_size * acc.num_processes / max(seconds - eval_seconds, 1e-9)
-    return {"steps": run.step, "steps_this_run": steps_run,
+    return {"steps": run.step, "steps_this_run": steps_run, "rollbacks": run.rollbacks,
             "images_seen": run.step * cfg.batch_size * acc.num_processes,
             "wall_seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1),
             "images_per_second": round(images_per_s, 1), "precision": acc.mixed_precision,
