@@ -298,9 +298,13 @@ class Rollback:
         """Restore the older checkpoint with the lr schedule scaled by cfg.rollback_lr_scale;
         raise FloatingPointError(why) when the rollbacks are spent or there is no older checkpoint."""
         run, cfg = self.run, self.cfg
-        if run.rollbacks >= cfg.collapse_rollbacks or len(self.saved) < 2:
-            spent = (f"after {run.rollbacks} of train.collapse_rollbacks {cfg.collapse_rollbacks} rollbacks"
-                     if run.rollbacks >= cfg.collapse_rollbacks else "with no older checkpoint to roll back to")
+        if run.rollbacks >= cfg.collapse_rollbacks:
+            spent = f"after {run.rollbacks} of train.collapse_rollbacks {cfg.collapse_rollbacks} rollbacks"
+        elif len(self.saved) < 2:
+            spent = "with no older checkpoint to roll back to"
+        else:
+            spent = None
+        if spent is not None:
             raise FloatingPointError(f"{why}, {spent}; try a lower train.lr "
                                      f"(train.collapse_factor: 0 turns this check off)")
         seconds, rollbacks = run.train_seconds, run.rollbacks + 1
