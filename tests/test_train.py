@@ -303,3 +303,17 @@ def test_adam_beta2_sets_the_second_moment_average():
         run.opt.step()
     v = run.opt.state[p]["exp_avg_sq"].flatten()[0].item()
     assert v == pytest.approx(0.9 * 0.1 * 1 + 0.1 * 9, rel=1e-6)  # 0.999 would give 0.010
+
+
+@pytest.mark.parametrize("schedule, at_6", [("cosine_warmup", 0.883), ("linear_warmup", 14 / 18)])
+def test_lr_schedules_warm_up_then_decay_to_zero(schedule, at_6):
+    # max_steps 20, warm-up 2: lr(1) = peak / 2; then peak at step 2, peak / 2 at step 11, 0 at 20;
+    # step 6 tells the two decays apart: cosine 0.5 (1 + cos(pi 4/18)) = 0.883, linear 14/18 = 0.778
+    run = T.Run(_cfg(lr_schedule=schedule, lr=1.0), model_kwargs({"preset": "tiny"}))
+    lrs = [run.lr_sched.get_last_lr()[0]]
+    for _ in range(20):
+        run.opt.step()
+        run.lr_sched.step()
+        lrs.append(run.lr_sched.get_last_lr()[0])
+    assert lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.0)
+    assert lrs[11] == pytest.approx(0.5) and lrs[6] == pytest.approx(at_6, abs=1e-3)

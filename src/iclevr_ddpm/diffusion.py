@@ -16,7 +16,7 @@ from .errors import UserError
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2",
              "scaled_linear": "scaled_linear", "sigmoid": "sigmoid"}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++", "unipc")
 
 
 def noise_scheduler(schedule: str, num_train_timesteps: int = 1000,
@@ -51,8 +51,10 @@ def sampler_scheduler(name: str, train: DDPMScheduler, clip: bool = True):
     if name == "ddim":  # trailing spacing starts at t = T-1 (Lin et al. 2024)
         return DDIMScheduler(**common, clip_sample=clip, set_alpha_to_one=False,
                              timestep_spacing="trailing")
-    solver = DPMSolverMultistepScheduler if name == "dpmsolver++" else UniPCMultistepScheduler
-    extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    solver = UniPCMultistepScheduler if name == "unipc" else DPMSolverMultistepScheduler
+    # sde-dpmsolver++: the stochastic second-order solver (Lu et al. 2022, sec. 5), which adds
+    # fresh noise at every step, drawn from the per-image generators like DDPM's
+    extra = {} if name == "unipc" else {"algorithm_type": name}
     # Thresholding keeps the x0 estimate in [-1, 1]; without it a cosine schedule saturated.
     return solver(**common, **extra, solver_order=2, thresholding=clip, sample_max_value=1.0,
                   timestep_spacing="trailing")

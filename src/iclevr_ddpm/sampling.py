@@ -21,7 +21,7 @@ from .pipeline import GUIDANCE, IclevrPipeline
 
 @dataclass
 class SampleConfig:
-    sampler: str = "dpmsolver++"   # ddpm | ddim | dpmsolver++ | unipc
+    sampler: str = "dpmsolver++"   # ddpm | ddim | dpmsolver++ | sde-dpmsolver++ | unipc
     steps: int = 25
     guidance: float = GUIDANCE    # classifier-free guidance scale; 1 = conditional only
     guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])  # t/T where guidance applies

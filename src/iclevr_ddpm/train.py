@@ -33,7 +33,7 @@ from .model import ConditionalUNet, exact_attention
 from .pipeline import IclevrPipeline
 from .sampling import SampleConfig, generate
 
-LR_SCHEDULES = ("constant", "cosine", "cosine_warmup")
+LR_SCHEDULES = ("constant", "cosine", "cosine_warmup", "linear_warmup")
 
 
 @dataclass
@@ -123,8 +123,11 @@ def _precision(cfg: TrainConfig, device: str, model_kw: dict, noise) -> str:
 
 
 def _lr_scheduler(cfg: TrainConfig, opt):
-    name = {"constant": "constant", "cosine": "cosine", "cosine_warmup": "cosine"}[cfg.lr_schedule]
-    warmup = cfg.warmup_steps if cfg.lr_schedule == "cosine_warmup" else 0
+    # linear_warmup: warm-up, then straight to 0 at max_steps (Bergsma et al. 2025: linear decay
+    # to zero beats cosine at a fixed budget)
+    name = {"constant": "constant", "cosine": "cosine", "cosine_warmup": "cosine",
+            "linear_warmup": "linear"}[cfg.lr_schedule]
+    warmup = cfg.warmup_steps if cfg.lr_schedule.endswith("_warmup") else 0
     return get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
 
 
