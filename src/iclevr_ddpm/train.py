@@ -123,8 +123,8 @@ def _precision(cfg: TrainConfig, device: str, model_kw: dict, noise) -> str:
 
 
 def _lr_scheduler(cfg: TrainConfig, opt):
-    # linear_warmup: warm-up, then straight to 0 at max_steps (Bergsma et al. 2025: linear decay
-    # to zero beats cosine at a fixed budget)
+    # linear_warmup: warm-up, then straight to 0 at max_steps (Bergsma et al. 2025 found it ahead
+    # of cosine for LLMs; here it scored 1.7 points under cosine on val, docs/image-quality.md)
     name = {"constant": "constant", "cosine": "cosine", "cosine_warmup": "cosine",
             "linear_warmup": "linear"}[cfg.lr_schedule]
     warmup = cfg.warmup_steps if cfg.lr_schedule.endswith("_warmup") else 0
