@@ -36,9 +36,10 @@ def test_samples_match_the_data(toy_model, sampler):
     assert (x.std(dim=(0, 2, 3)) - want.std(dim=(0, 2, 3))).abs().max() < 0.15
 
 
-def test_same_seed_same_bytes_and_batch_size_invariant(toy_model):
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "sde-dpmsolver++"])  # the SDE adds noise every step
+def test_same_seed_same_bytes_and_batch_size_invariant(toy_model, sampler):
     model, train_sched, _ = toy_model
-    pipe = IclevrPipeline(unet=model, scheduler=sampler_scheduler("dpmsolver++", train_sched))
+    pipe = IclevrPipeline(unet=model, scheduler=sampler_scheduler(sampler, train_sched))
     conds = [["red cube"], ["blue cube"], ["red cube", "blue sphere"]]
     cfg = SampleConfig(steps=8, frames=8, guidance=2.0, batch_size=3, out_size=64)
     a = generate(pipe, conds, cfg)
